@@ -1,0 +1,114 @@
+"""Tensors as ZeroMQ frames: a small msgpack header (dtype, shape) and one raw data frame.
+
+`encode_tensor` does not copy a contiguous CPU tensor: the data frame is a byte view of its
+storage, meant for ``send(..., copy=False)``. `decode_tensor` returns a ``torch.frombuffer``
+view of the received frame (``recv(copy=False)``), also without a copy. Every dtype travels as
+raw bytes, so dtypes numpy lacks (bfloat16, float8) need nothing special. No pickle.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import msgspec
+import numpy as np
+import torch
+
+MAX_NDIM = 16
+
+_DTYPES: dict[str, torch.dtype] = {
+    str(dtype).removeprefix("torch."): dtype
+    for dtype in (
+        torch.float64, torch.float32, torch.float16, torch.bfloat16,
+        torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
+        torch.uint16, torch.uint32, torch.uint64, torch.complex64, torch.complex128,
+        torch.float8_e4m3fn, torch.float8_e5m2,
+    )
+}  # fmt: skip
+_DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in _DTYPES.items()}
+
+
+class TensorHeader(msgspec.Struct, array_like=True, frozen=True):
+    """What a receiver needs to rebuild a tensor from its data frame."""
+
+    dtype: str
+    shape: tuple[int, ...]
+
+
+_header_encoder = msgspec.msgpack.Encoder()
+_header_decoder = msgspec.msgpack.Decoder(TensorHeader)
+
+
+def tensor_header(tensor: torch.Tensor) -> TensorHeader:
+    """The header describing `tensor` (dtype name and shape)."""
+    name = _DTYPE_NAMES.get(tensor.dtype)
+    if name is None:
+        raise ValueError(f"tensor dtype {tensor.dtype} cannot travel as a frame")
+    return TensorHeader(name, tuple(tensor.shape))
+
+
+def tensor_buffer(tensor: torch.Tensor) -> np.ndarray:
+    """A flat uint8 view of `tensor`'s bytes, usable as a zero-copy ZeroMQ frame.
+
+    Contiguous CPU tensors are viewed, not copied; the view keeps the storage alive. Other
+    tensors (non-contiguous, on a GPU) are first copied into a contiguous CPU tensor.
+    NOTE: a frame sent with copy=False reads the storage until ZeroMQ has sent it; do not
+    write to the tensor in place before then.
+    """
+    tensor = tensor.detach()
+    if tensor.device.type != "cpu":
+        tensor = tensor.cpu()
+    if not tensor.is_contiguous():
+        tensor = tensor.contiguous()
+    return tensor.reshape(-1).view(torch.uint8).numpy()
+
+
+def encode_tensor(tensor: torch.Tensor) -> tuple[bytes, np.ndarray]:
+    """Encode `tensor` as (header bytes, data buffer); send both, the data with copy=False."""
+    return _header_encoder.encode(tensor_header(tensor)), tensor_buffer(tensor)
+
+
+def encode_header(header: TensorHeader) -> bytes:
+    """The msgpack bytes of `header`."""
+    return _header_encoder.encode(header)
+
+
+def decode_header(data: Any) -> TensorHeader:
+    """Parse header bytes (any bytes-like object); raise ValueError on garbage."""
+    try:
+        return _header_decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        raise ValueError(f"malformed tensor header: {exc}") from exc
+
+
+def tensor_from_buffer(header: TensorHeader, data: Any) -> torch.Tensor:
+    """View `data` (bytes-like, e.g. a zmq.Frame) as the tensor `header` describes.
+
+    Zero-copy unless the buffer is not aligned to the dtype's item size. The tensor shares
+    memory with `data` and keeps it alive. Raises ValueError if the header and buffer disagree.
+    """
+    dtype = _DTYPES.get(header.dtype)
+    if dtype is None:
+        raise ValueError(f"unknown tensor dtype {header.dtype!r} in frame header")
+    shape = header.shape
+    if len(shape) > MAX_NDIM or any(dim < 0 for dim in shape):
+        raise ValueError(f"invalid tensor shape {shape} in frame header")
+    view = memoryview(data)
+    expected = math.prod(shape) * dtype.itemsize
+    if view.nbytes != expected:
+        raise ValueError(
+            f"tensor frame holds {view.nbytes} bytes but header {header.dtype}{list(shape)} "
+            f"needs {expected}"
+        )
+    if expected == 0:
+        return torch.empty(shape, dtype=dtype)
+    flat = torch.frombuffer(view, dtype=torch.uint8)  # (nbytes,)
+    if flat.data_ptr() % dtype.itemsize:
+        flat = flat.clone()  # ZeroMQ may hand out small messages at odd addresses
+    return flat.view(dtype).view(shape)
+
+
+def decode_tensor(header: Any, data: Any) -> torch.Tensor:
+    """Rebuild a tensor from (header bytes, data buffer) as produced by `encode_tensor`."""
+    return tensor_from_buffer(decode_header(header), data)
