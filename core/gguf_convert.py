@@ -23,8 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import save_file
-from titanserve.core.gguf_tokenizer import write_tokenizer_files
 from tqdm import tqdm
+
+from titanserve.core.gguf_tokenizer import write_tokenizer_files
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}

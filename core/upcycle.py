@@ -120,7 +120,10 @@ def _layer_groups(handles: dict[str, Any], num_layers: int) -> Iterator[list[str
 
 
 def _upcycled_tensors(
-    names: list[str], handles: dict[str, Any], config: dict[str, Any], noise: float,
+    names: list[str],
+    handles: dict[str, Any],
+    config: dict[str, Any],
+    noise: float,
     gen: torch.Generator,
 ) -> dict[str, torch.Tensor]:
     """The Mixtral tensors of one group of dense tensors."""

@@ -1,0 +1,250 @@
+"""The engine loop: step() = schedule -> execute on workers -> process outputs.
+
+Owns requests, tokenizer, scheduler and block managers; never touches model tensors
+beyond handing returned logits to the caller.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from titanserve.core.block_manager import BlockManager
+from titanserve.core.config import ModelConfig
+from titanserve.core.engine_config import EngineConfig
+from titanserve.core.errors import ConfigError, InvalidRequest
+from titanserve.core.model_runner import kv_bytes_per_block
+from titanserve.core.outputs import RequestOutput, StepDelta
+from titanserve.core.request import Request
+from titanserve.core.sampling_params import SamplingParams
+from titanserve.core.scheduler import Scheduler, SchedulerConfig
+from titanserve.core.tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+def resolve_model_path(model: str) -> Path:
+    """A checkpoint folder, or a .gguf file converted once and cached."""
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise ConfigError(f"model path {model!r} does not exist")
+    if path.suffix == ".gguf":
+        from titanserve.core.gguf_convert import cached_checkpoint_for_gguf
+
+        return cached_checkpoint_for_gguf(path)
+    return path
+
+
+@dataclass
+class _Tracker:
+    request: Request
+    output: RequestOutput
+    detokenizer: IncrementalDetokenizer | None
+    stop_hold: int  # chars held back from streaming while a stop string could still match
+    logits_rows: list[torch.Tensor] = field(default_factory=list)
+    emitted_chars: int = 0
+
+
+class Engine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.model_path = resolve_model_path(config.model)
+        self.model_config = ModelConfig.from_hf(self.model_path)
+        self.tokenizer = (
+            Tokenizer(self.model_path) if (self.model_path / "tokenizer.json").exists() else None
+        )
+        cfg = self.model_config
+        self.max_model_len = config.resolve_max_model_len(cfg)
+        device = config.resolve_device(0)
+        per_block = kv_bytes_per_block(cfg, config.block_size, config.torch_dtype)
+        self.num_blocks = config.resolve_num_blocks(per_block, self.max_model_len, device)
+        eos = set(cfg.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = tuple(sorted(eos))
+        self.executor = self._make_executor()
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                config.max_num_batched_tokens,
+                config.max_num_seqs,
+                self.max_model_len,
+                config.num_workers,
+            ),
+            [
+                BlockManager(self.num_blocks, config.block_size, config.enable_prefix_caching)
+                for _ in range(config.num_workers)
+            ],
+        )
+        self.trackers: dict[str, _Tracker] = {}
+        self._ids = itertools.count()
+
+    def _make_executor(self):
+        c = self.config
+        if c.num_workers == 1:
+            from titanserve.core.executor import InProcessExecutor
+
+            return InProcessExecutor(
+                c, self.model_path, self.model_config, self.num_blocks, self.max_model_len
+            )
+        from titanserve.core.multiproc_executor import MultiProcExecutor
+
+        return MultiProcExecutor(
+            c, self.model_path, self.model_config, self.num_blocks, self.max_model_len
+        )
+
+    # ------------------------------------------------------------------ requests
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InvalidRequest("this model has no tokenizer.json: send token ids")
+            return self.tokenizer.encode(prompt)
+        return list(prompt)
+
+    def validate(self, token_ids: list[int], sampling: SamplingParams) -> None:
+        if not token_ids:
+            raise InvalidRequest("prompt is empty")
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequest(f"token id {bad!r} is outside the vocabulary [0, {vocab})")
+        if len(token_ids) >= self.max_model_len:
+            raise InvalidRequest(
+                f"prompt has {len(token_ids)} tokens; the context holds {self.max_model_len} "
+                "(prompt + at least one generated token)"
+            )
+        if not isinstance(sampling, SamplingParams):
+            raise InvalidRequest("sampling_params must be a SamplingParams")
+
+    def add_request(
+        self, prompt: str | list[int], sampling: SamplingParams, request_id: str | None = None
+    ) -> str:
+        token_ids = self.tokenize(prompt)
+        self.validate(token_ids, sampling)
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if rid in self.trackers:
+            raise InvalidRequest(f"request id {rid!r} is already in use")
+        request = Request(rid, token_ids, sampling, self.eos_token_ids)
+        detok = IncrementalDetokenizer(self.tokenizer, token_ids) if self.tokenizer else None
+        self.trackers[rid] = _Tracker(
+            request,
+            RequestOutput(rid, list(token_ids)),
+            detok,
+            stop_hold=max((len(s) for s in sampling.stop), default=1) - 1,
+        )
+        self.scheduler.add(request)
+        return rid
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        tracker = self.trackers.pop(request_id, None)
+        if tracker is None:
+            return None
+        self.scheduler.finish(tracker.request, "abort")
+        return self._finalize(tracker, "abort")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ------------------------------------------------------------------ the loop
+    def step(self) -> list[StepDelta]:
+        out = self.scheduler.schedule()
+        if not out.scheduled:
+            if self.scheduler.waiting and not self.scheduler.running:
+                # Nothing runs and the head request cannot be placed: it never will be.
+                request = self.scheduler.waiting[0]
+                tracker = self.trackers.pop(request.request_id)
+                self.scheduler.finish(request, "abort")
+                self._finalize(tracker, "abort")
+                raise InvalidRequest(
+                    f"request {request.request_id} ({request.num_tokens} tokens) "
+                    "does not fit in the KV cache"
+                )
+            return []
+        results = self.executor.execute(out.plans)
+        sampled: dict[str, int] = {}
+        for result, logits in results:
+            for seq in result.seqs:
+                tracker = self.trackers.get(seq.request_id)
+                if tracker is None:
+                    continue
+                self._collect(tracker, seq, logits)
+                if seq.token_id is not None:
+                    sampled[seq.request_id] = seq.token_id
+        self.scheduler.update(out, sampled)
+        deltas = []
+        for s in out.scheduled:
+            rid = s.request.request_id
+            if rid in sampled and rid in self.trackers:
+                deltas.append(self._process_token(self.trackers[rid], sampled[rid]))
+        return deltas
+
+    def _collect(self, tracker: _Tracker, seq, logits: torch.Tensor | None) -> None:
+        out = tracker.output
+        if seq.token_id is not None and seq.logprob is not None:
+            out.logprobs = (out.logprobs or []) + [seq.logprob]
+            out.top_logprobs = (out.top_logprobs or []) + [list(seq.top_logprobs)]
+        if seq.logits_row is not None:
+            tracker.logits_rows.append(logits[seq.logits_row])
+        if seq.prompt_logits_rows is not None:
+            start, end = seq.prompt_logits_rows
+            if out.prompt_logits is None:
+                n = len(out.prompt_token_ids)
+                out.prompt_logits = torch.empty(n, logits.shape[1], dtype=torch.float32)
+            pos = seq.prompt_logits_start_pos
+            rows = logits[start:end]
+            keep = max(0, min(len(rows), len(out.prompt_token_ids) - pos))
+            out.prompt_logits[pos : pos + keep] = rows[:keep]
+
+    def _process_token(self, tracker: _Tracker, token_id: int) -> StepDelta:
+        request, out = tracker.request, tracker.output
+        out.token_ids.append(token_id)
+        if out.time_to_first_token_s is None and request.first_token_time is not None:
+            out.time_to_first_token_s = request.first_token_time - request.arrival_time
+        reason = request.finish_reason
+        if tracker.detokenizer is not None:
+            tracker.detokenizer.push(token_id)
+            text = tracker.detokenizer.text
+            if reason is None and request.sampling.stop:
+                stop_at = _find_stop(text, request.sampling.stop, out.text)
+                if stop_at is not None:
+                    text = text[:stop_at]
+                    tracker.detokenizer.text = text
+                    self.scheduler.finish(request, "stop")
+                    reason = "stop"
+            out.text = text
+        finished = reason is not None
+        visible = (
+            len(out.text)
+            if finished
+            else max(tracker.emitted_chars, len(out.text) - tracker.stop_hold)
+        )
+        new_text = out.text[tracker.emitted_chars : visible]
+        tracker.emitted_chars = visible
+        if finished:
+            del self.trackers[request.request_id]
+            self._finalize(tracker, reason)
+        return StepDelta(request.request_id, [token_id], new_text, finished, reason)
+
+    def _finalize(self, tracker: _Tracker, reason: str) -> RequestOutput:
+        out = tracker.output
+        out.finished, out.finish_reason = True, reason
+        out.num_preemptions = tracker.request.num_preemptions
+        if tracker.logits_rows:
+            out.logits = torch.stack(tracker.logits_rows)
+        return out
+
+    def get_output(self, request_id: str) -> RequestOutput | None:
+        tracker = self.trackers.get(request_id)
+        return tracker.output if tracker else None
+
+    def shutdown(self) -> None:
+        if self.executor is not None:
+            self.executor.shutdown()
+            self.executor = None
+
+
+def _find_stop(text: str, stops: list[str], previous_text: str) -> int | None:
+    """Index where the earliest stop string starts, searching only where it can be new."""
+    start = max(0, len(previous_text) - max(len(s) for s in stops))
+    hits = [i for s in stops if (i := text.find(s, start)) != -1]
+    return min(hits) if hits else None

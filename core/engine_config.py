@@ -1,0 +1,110 @@
+"""Engine settings (the CLI flags' names), resolved once against the model."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+
+import torch
+
+from titanserve.core.config import ModelConfig, parse_dtype
+from titanserve.core.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str
+    dtype: str = "float32"
+    num_workers: int = 1
+    max_num_batched_tokens: int = 8192
+    max_num_seqs: int = 256
+    max_model_len: int | None = None
+    block_size: int = 16
+    kv_cache_memory: float | None = None  # bytes (> 1) or fraction of free memory (<= 1)
+    num_kv_blocks: int | None = None  # exact block count per worker (overrides the above)
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    device: str = "auto"
+    comm: str = "zmq"
+    sp_threshold: int | None = None
+    num_threads: int | None = None  # torch threads per worker on CPU
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        parse_dtype(self.dtype)
+        positive = ["num_workers", "max_num_batched_tokens", "max_num_seqs", "block_size"]
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.comm not in ("zmq", "torch"):
+            raise ConfigError(f"comm must be 'zmq' or 'torch', got {self.comm!r}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ConfigError("num_kv_blocks must be >= 1")
+
+    @staticmethod
+    def from_kwargs(model: str, **kwargs) -> EngineConfig:
+        known = {f.name for f in fields(EngineConfig)}
+        unknown = set(kwargs) - known
+        if unknown:
+            raise ConfigError(f"unknown engine option(s): {', '.join(sorted(unknown))}")
+        return EngineConfig(model=str(model), **kwargs)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return parse_dtype(self.dtype)
+
+    def resolve_device(self, rank: int = 0) -> torch.device:
+        if self.device == "auto":
+            if torch.cuda.is_available():
+                return torch.device("cuda", rank % torch.cuda.device_count())
+            return torch.device("cpu")
+        return torch.device(self.device)
+
+    def resolve_max_model_len(self, model: ModelConfig) -> int:
+        if self.max_model_len is None:
+            return model.max_position_embeddings
+        if self.max_model_len > model.max_position_embeddings:
+            raise ConfigError(
+                f"max_model_len {self.max_model_len} exceeds the model's context "
+                f"({model.max_position_embeddings})"
+            )
+        return self.max_model_len
+
+    def resolve_num_blocks(
+        self, bytes_per_block: int, max_model_len: int, device: torch.device
+    ) -> int:
+        """KV blocks per worker: explicit, or from a memory budget; never more than useful."""
+        useful = self.max_num_seqs * (-(-max_model_len // self.block_size)) + 1
+        if self.num_kv_blocks is not None:
+            blocks = self.num_kv_blocks
+        else:
+            budget = self.kv_cache_memory if self.kv_cache_memory is not None else 0.2
+            if budget <= 1:
+                budget = (
+                    budget
+                    * _free_memory_bytes(device)
+                    / (1 if device.type == "cuda" else self.num_workers)
+                )
+            blocks = min(int(budget // bytes_per_block), useful)
+        if blocks * self.block_size < min(
+            max_model_len, self.max_num_batched_tokens, 16 * self.block_size
+        ):
+            raise ConfigError(
+                f"KV cache of {blocks} blocks x {self.block_size} tokens is too small; "
+                "raise --kv-cache-memory or lower --max-model-len"
+            )
+        return blocks
+
+
+def _free_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")

@@ -1,0 +1,1 @@
+"""Model definitions: one decoder for every supported family, and its weight loader."""

@@ -1,0 +1,118 @@
+"""Self-attention over the paged KV cache, for mixed batches of decodes and prefill chunks.
+
+Legend: T tokens in the step, Hq/Hk query/kv heads, D head dim, Bd decode sequences.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from titanserve.core.config import ModelConfig
+from titanserve.kernels import ops
+
+
+@dataclass
+class PrefillChunk:
+    """A sequence computing more than one token this step."""
+
+    token_start: int  # first row of this chunk in the step's token batch
+    num_tokens: int  # query length
+    context_len: int  # tokens in the cache after this step's write (cached + new)
+    block_ids: torch.Tensor  # (num_blocks,) int64 covering context_len
+
+
+@dataclass
+class AttentionMetadata:
+    """Built by the model runner from a StepPlan. NOTE: decode rows come first."""
+
+    positions: torch.Tensor  # (T,) int64
+    slot_mapping: torch.Tensor  # (T,) int64: block_id * block_size + offset
+    num_decode_tokens: int
+    decode_block_tables: torch.Tensor  # (Bd, max_blocks) int32
+    decode_context_lens: torch.Tensor  # (Bd,) int32
+    prefills: list[PrefillChunk]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+        )
+        self.q_size = cfg.num_heads * cfg.head_dim
+        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.scale = cfg.head_dim**-0.5
+        self.qkv_weight = nn.Parameter(
+            torch.empty(self.q_size + 2 * self.kv_size, cfg.hidden_size), requires_grad=False
+        )
+        self.qkv_bias = (
+            nn.Parameter(torch.empty(self.q_size + 2 * self.kv_size), requires_grad=False)
+            if cfg.qkv_bias
+            else None
+        )
+        self.o_weight = nn.Parameter(torch.empty(cfg.hidden_size, self.q_size), requires_grad=False)
+        self.o_bias = (
+            nn.Parameter(torch.empty(cfg.hidden_size), requires_grad=False) if cfg.o_bias else None
+        )
+        self.eps = cfg.rms_norm_eps
+        if cfg.qk_norm:
+            self.q_norm = nn.Parameter(torch.ones(cfg.head_dim), requires_grad=False)
+            self.k_norm = nn.Parameter(torch.ones(cfg.head_dim), requires_grad=False)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (T, H)
+        meta: AttentionMetadata,
+        kv_cache: torch.Tensor,  # (2, num_blocks, block_size, Hk, D)
+        cos_sin: torch.Tensor,  # (max_pos, R)
+    ) -> torch.Tensor:
+        T = x.shape[0]
+        qkv = F.linear(x, self.qkv_weight, self.qkv_bias)  # (T, Hq*D + 2*Hk*D)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(T, self.num_heads, self.head_dim)  # (T, Hq, D)
+        k = k.view(T, self.num_kv_heads, self.head_dim)  # (T, Hk, D)
+        v = v.view(T, self.num_kv_heads, self.head_dim)  # (T, Hk, D)
+        if self.q_norm is not None:
+            q = ops.rms_norm(q, self.q_norm, self.eps)
+            k = ops.rms_norm(k, self.k_norm, self.eps)
+        ops.rotary(q, k, meta.positions, cos_sin)
+
+        k_cache, v_cache = kv_cache[0], kv_cache[1]  # (num_blocks, block_size, Hk, D)
+        k_cache.view(-1, self.num_kv_heads, self.head_dim)[meta.slot_mapping] = k
+        v_cache.view(-1, self.num_kv_heads, self.head_dim)[meta.slot_mapping] = v
+
+        out = torch.empty_like(q)  # (T, Hq, D)
+        nd = meta.num_decode_tokens
+        if nd:
+            out[:nd] = ops.paged_decode_attn(
+                q[:nd],
+                k_cache,
+                v_cache,
+                meta.decode_block_tables,
+                meta.decode_context_lens,
+                scale=self.scale,
+            )[0]
+        for chunk in meta.prefills:
+            rows = slice(chunk.token_start, chunk.token_start + chunk.num_tokens)
+            if chunk.context_len == chunk.num_tokens:  # nothing cached before: use k, v as is
+                keys, values = k[rows], v[rows]
+            else:
+                keys = k_cache[chunk.block_ids].flatten(0, 1)[: chunk.context_len]  # (C, Hk, D)
+                values = v_cache[chunk.block_ids].flatten(0, 1)[: chunk.context_len]
+            out[rows] = ops.flash_attn_fwd(
+                q[rows],
+                keys,
+                values,
+                causal=True,
+                q_offset=chunk.context_len - chunk.num_tokens,
+                scale=self.scale,
+            )[0]
+        return F.linear(out.view(T, self.q_size), self.o_weight, self.o_bias)  # (T, H)

@@ -1,0 +1,75 @@
+"""One decoder for every supported family; family differences are ModelConfig fields."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from titanserve.core.config import ModelConfig
+from titanserve.core.model.attention import Attention, AttentionMetadata
+from titanserve.core.model.layers import GatedMLP, RMSNorm
+from titanserve.core.model.rope import cos_sin_table
+from titanserve.moe.layer import MoELayer
+from titanserve.moe.placement import ExpertPlacement
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, placement: ExpertPlacement) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if cfg.is_moe_layer(layer):
+            self.mlp = MoELayer(cfg, placement)
+        else:
+            self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x, residual, meta, kv_cache, cos_sin):
+        if residual is None:
+            residual = x
+            x = self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, meta, kv_cache, cos_sin)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class DecoderModel(nn.Module):
+    """Embeddings -> layers -> final norm -> lm_head (logits only for the rows asked for)."""
+
+    def __init__(self, cfg: ModelConfig, placement: ExpertPlacement, max_positions: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Parameter(
+            torch.empty(cfg.vocab_size, cfg.hidden_size), requires_grad=False
+        )
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, placement) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if cfg.tie_word_embeddings:
+            self.lm_head = self.embed_tokens
+        else:
+            self.lm_head = nn.Parameter(
+                torch.empty(cfg.vocab_size, cfg.hidden_size), requires_grad=False
+            )
+        table = cos_sin_table(cfg.rope, cfg.head_dim, max_positions, cfg.max_position_embeddings)
+        self.register_buffer("cos_sin", table, persistent=False)
+
+    def forward(
+        self,
+        token_ids: torch.Tensor,  # (T,) int64
+        meta: AttentionMetadata,
+        kv_caches: torch.Tensor,  # (L, 2, num_blocks, block_size, Hk, D)
+    ) -> torch.Tensor:
+        x = F.embedding(token_ids, self.embed_tokens)  # (T, H)
+        residual = None
+        for i, layer in enumerate(self.layers):
+            x, residual = layer(x, residual, meta, kv_caches[i], self.cos_sin)
+        if residual is None:  # no layers
+            return self.norm(x)
+        x, _ = self.norm(x, residual)
+        return x  # (T, H)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.lm_head).float()  # (N, V) fp32

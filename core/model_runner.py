@@ -1,0 +1,190 @@
+"""Model runner: turns a StepPlan into tensors, runs the decoder, samples.
+
+One runner lives in each worker. It owns the model shard, the paged KV cache
+`[layers, 2, num_blocks, block_size, kv_heads, head_dim]` and the sampler state.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from titanserve.core.config import ModelConfig
+from titanserve.core.model.attention import AttentionMetadata, PrefillChunk
+from titanserve.core.model.decoder import DecoderModel
+from titanserve.core.model.loader import load_weights
+from titanserve.core.sampler import Sampler, SamplingState
+from titanserve.ipc.messages import SeqPlan, SeqResult, StepPlan, StepResult
+from titanserve.moe.placement import ExpertPlacement
+
+
+def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return cfg.num_layers * 2 * block_size * cfg.num_kv_heads * cfg.head_dim * itemsize
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model_path: Path,
+        cfg: ModelConfig,
+        dtype: torch.dtype,
+        block_size: int,
+        num_blocks: int,
+        max_model_len: int,
+        placement: ExpertPlacement,
+        device: torch.device | None = None,
+        seed: int = 0,
+        progress: bool = True,
+    ) -> None:
+        device = device or torch.device("cpu")
+        self.cfg, self.dtype, self.device = cfg, dtype, device
+        self.block_size, self.num_blocks = block_size, num_blocks
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device):
+                self.model = DecoderModel(cfg, placement, max_positions=max_model_len)
+        finally:
+            torch.set_default_dtype(previous)
+        load_weights(self.model, model_path, placement, progress=progress)
+        self.kv_caches = torch.zeros(
+            cfg.num_layers,
+            2,
+            num_blocks,
+            block_size,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            dtype=dtype,
+            device=device,
+        )
+        self.sampler = Sampler(seed)
+        self.states: dict[str, SamplingState] = {}
+
+    # ------------------------------------------------------------------ step
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> tuple[StepResult, torch.Tensor | None]:
+        """Run one step. Returns the result and a (R, V) fp32 tensor of requested logits rows."""
+        t0 = time.perf_counter()
+        for rid in plan.finished_ids:
+            self.states.pop(rid, None)
+        for seq in plan.seqs:
+            if seq.new is not None:
+                self.states[seq.request_id] = SamplingState(
+                    seq.new.sampling, seq.new.num_prompt_tokens, list(seq.new.history_token_ids)
+                )
+        if not plan.seqs:
+            self.run_model(torch.empty(0, dtype=torch.int64, device=self.device), None)
+            return StepResult(
+                step_id=plan.step_id, seqs=[], compute_time_s=time.perf_counter() - t0
+            ), None
+
+        token_ids, meta, starts = self._prepare(plan.seqs)
+        hidden = self.run_model(token_ids, meta)  # (T, H)
+
+        sample_rows, logit_rows, results = [], [], []
+        for seq, start in zip(plan.seqs, starts):
+            state = self.states[seq.request_id]
+            result = SeqResult(request_id=seq.request_id)
+            n = len(seq.token_ids)
+            if state.params.return_prompt_logits:
+                first = len(logit_rows)
+                logit_rows.extend(range(start, start + n))
+                result.prompt_logits_rows = (first, first + n)
+                result.prompt_logits_start_pos = seq.start_pos
+            if seq.sample:
+                sample_rows.append(start + n - 1)
+            results.append(result)
+
+        sampled_seqs = [(s, r) for s, r in zip(plan.seqs, results) if s.sample]
+        extra_logits = None
+        rows = torch.tensor(sample_rows + logit_rows, dtype=torch.int64, device=self.device)
+        if len(rows):
+            logits = self.model.logits(hidden[rows])  # (S + P, V) fp32
+            sample_logits = logits[: len(sample_rows)]
+            if sampled_seqs:
+                states = [self.states[s.request_id] for s, _ in sampled_seqs]
+                num_generated = [
+                    s.start_pos + len(s.token_ids) - st.num_prompt_tokens
+                    for (s, _), st in zip(sampled_seqs, states)
+                ]
+                out = self.sampler(sample_logits.cpu(), states, num_generated)
+                keep = []
+                for j, ((_, result), state) in enumerate(zip(sampled_seqs, states)):
+                    result.token_id = out.token_ids[j]
+                    result.logprob = out.logprobs[j]
+                    result.top_logprobs = out.top_logprobs[j]
+                    if state.params.needs_penalties:
+                        state.history.append(out.token_ids[j])
+                    if state.params.return_logits:
+                        result.logits_row = len(logit_rows) + len(keep)
+                        keep.append(j)
+                parts = [logits[len(sample_rows) :]]
+                if keep:
+                    parts.append(sample_logits[keep])
+                extra_logits = torch.cat(parts).cpu() if (logit_rows or keep) else None
+            elif logit_rows:
+                extra_logits = logits.cpu()
+        elapsed = time.perf_counter() - t0
+        return StepResult(step_id=plan.step_id, seqs=results, compute_time_s=elapsed), extra_logits
+
+    def run_model(self, token_ids: torch.Tensor, meta: AttentionMetadata | None) -> torch.Tensor:
+        if meta is None:
+            meta = AttentionMetadata(
+                positions=token_ids,
+                slot_mapping=token_ids,
+                num_decode_tokens=0,
+                decode_block_tables=torch.empty(0, 1, dtype=torch.int32),
+                decode_context_lens=torch.empty(0, dtype=torch.int32),
+                prefills=[],
+            )
+        return self.model(token_ids, meta, self.kv_caches)
+
+    # ------------------------------------------------------------------ inputs
+    def _prepare(self, seqs: list[SeqPlan]) -> tuple[torch.Tensor, AttentionMetadata, list[int]]:
+        bs = self.block_size
+        token_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        starts: list[int] = []
+        decode_tables, decode_lens, prefills = [], [], []
+        for seq in seqs:
+            n = len(seq.token_ids)
+            start = len(token_ids)
+            starts.append(start)
+            token_ids.extend(seq.token_ids)
+            pos = range(seq.start_pos, seq.start_pos + n)
+            positions.extend(pos)
+            blocks = seq.block_ids
+            slots.extend(blocks[p // bs] * bs + p % bs for p in pos)
+            context_len = seq.start_pos + n
+            if n == 1:
+                assert not prefills, "decode rows must come first in a plan"
+                decode_tables.append(blocks)
+                decode_lens.append(context_len)
+            else:
+                used = -(-context_len // bs)
+                prefills.append(
+                    PrefillChunk(
+                        start,
+                        n,
+                        context_len,
+                        torch.tensor(blocks[:used], dtype=torch.int64, device=self.device),
+                    )
+                )
+        width = max((len(t) for t in decode_tables), default=1)
+        table = torch.zeros(len(decode_tables), width, dtype=torch.int32)
+        for i, t in enumerate(decode_tables):
+            table[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        dev = self.device
+        meta = AttentionMetadata(
+            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            num_decode_tokens=len(decode_lens),
+            decode_block_tables=table.to(dev),
+            decode_context_lens=torch.tensor(decode_lens, dtype=torch.int32, device=dev),
+            prefills=prefills,
+        )
+        return torch.tensor(token_ids, dtype=torch.int64, device=dev), meta, starts

@@ -1,0 +1,135 @@
+"""Token sampler: penalties, temperature, top-k, top-p, min-p, per-request seeds, logprobs.
+
+Rows are independent: a seeded request draws its noise from a generator keyed by
+(seed, output index), so its samples do not depend on the batch, on preemption or on the
+worker that holds it. Legend: N rows (requests sampling this step), V vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from titanserve.core.sampling_params import SamplingParams
+
+
+@dataclass
+class SamplingState:
+    """Worker-side memory of one request, for penalties."""
+
+    params: SamplingParams
+    num_prompt_tokens: int
+    history: list[int] = field(default_factory=list)  # prompt + output, when penalties apply
+
+
+@dataclass
+class SampleOutput:
+    token_ids: list[int]
+    logprobs: list[float | None]
+    top_logprobs: list[list[tuple[int, float]]]
+
+
+class Sampler:
+    def __init__(self, seed: int = 0) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(
+        self, logits: torch.Tensor, states: list[SamplingState], num_generated: list[int]
+    ) -> SampleOutput:
+        """logits: (N, V) fp32 raw model logits, one row per state."""
+        n = logits.shape[0]
+        raw = logits
+        logits = self._apply_penalties(logits, states)
+        tokens = torch.empty(n, dtype=torch.int64)
+        greedy = [i for i, s in enumerate(states) if s.params.is_greedy]
+        random = [i for i, s in enumerate(states) if not s.params.is_greedy]
+        if greedy:
+            tokens[greedy] = logits[greedy].argmax(dim=-1)
+        if random:
+            idx = torch.tensor(random)
+            probs = self._probs(logits[idx], [states[i].params for i in random])  # (Nr, V)
+            noise = self._noise(
+                probs.shape, [states[i] for i in random], [num_generated[i] for i in random]
+            )
+            tokens[idx] = (probs / noise).argmax(dim=-1)
+        return self._logprobs(raw, tokens, states)
+
+    # ------------------------------------------------------------------ steps
+    @staticmethod
+    def _apply_penalties(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+        rows = [i for i, s in enumerate(states) if s.params.needs_penalties]
+        if not rows:
+            return logits
+        logits = logits.clone()
+        vocab = logits.shape[1]
+        for i in rows:
+            p, history = states[i].params, states[i].history
+            row = logits[i]  # (V,)
+            if p.repetition_penalty != 1.0 and history:
+                seen = torch.tensor(sorted(set(history)), dtype=torch.int64)
+                vals = row[seen]
+                row[seen] = torch.where(
+                    vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty
+                )
+            outputs = history[states[i].num_prompt_tokens :]
+            if outputs and (p.presence_penalty or p.frequency_penalty):
+                counts = torch.bincount(torch.tensor(outputs), minlength=vocab)[:vocab].to(
+                    row.dtype
+                )
+                row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(
+                    row.dtype
+                )
+        return logits
+
+    @staticmethod
+    def _probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+        temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype).unsqueeze(1)
+        logits = logits / temps  # (Nr, V)
+        top_ks = [p.top_k if p.top_k > 0 else logits.shape[1] for p in params]
+        top_ps = [p.top_p for p in params]
+        if any(k < logits.shape[1] for k in top_ks) or any(p < 1.0 for p in top_ps):
+            sorted_logits, order = logits.sort(dim=-1, descending=True)  # (Nr, V)
+            ranks = torch.arange(logits.shape[1]).unsqueeze(0)
+            remove = ranks >= torch.tensor(top_ks).unsqueeze(1)
+            cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+            # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+            remove |= (cumulative - sorted_logits.softmax(dim=-1)) >= torch.tensor(
+                top_ps
+            ).unsqueeze(1)
+            sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+            logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+        probs = logits.softmax(dim=-1)
+        min_ps = torch.tensor([p.min_p for p in params], dtype=probs.dtype).unsqueeze(1)
+        if (min_ps > 0).any():
+            threshold = probs.max(dim=-1, keepdim=True).values * min_ps
+            probs = probs.masked_fill(probs < threshold, 0.0)
+        return probs
+
+    def _noise(self, shape, states: list[SamplingState], num_generated: list[int]) -> torch.Tensor:
+        """Exponential(1) noise; argmax(probs / noise) is a sample from probs."""
+        noise = torch.empty(shape).exponential_(generator=self.generator)  # (Nr, V)
+        for row, (state, index) in enumerate(zip(states, num_generated)):
+            if state.params.seed is not None:
+                g = torch.Generator().manual_seed(hash((state.params.seed, index)) & (2**63 - 1))
+                noise[row].exponential_(generator=g)
+        return noise
+
+    @staticmethod
+    def _logprobs(
+        raw: torch.Tensor, tokens: torch.Tensor, states: list[SamplingState]
+    ) -> SampleOutput:
+        n = len(states)
+        logprobs: list[float | None] = [None] * n
+        tops: list[list[tuple[int, float]]] = [[] for _ in range(n)]
+        wanted = [i for i, s in enumerate(states) if s.params.logprobs is not None]
+        if wanted:
+            lp = torch.log_softmax(raw[wanted], dim=-1)  # (Nw, V)
+            chosen = lp.gather(1, tokens[wanted].unsqueeze(1)).squeeze(1)
+            for j, i in enumerate(wanted):
+                logprobs[i] = float(chosen[j])
+                k = states[i].params.logprobs
+                if k:
+                    values, ids = lp[j].topk(k)
+                    tops[i] = list(zip(ids.tolist(), values.tolist()))
+        return SampleOutput(tokens.tolist(), logprobs, tops)

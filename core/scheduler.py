@@ -1,0 +1,213 @@
+"""Continuous-batching scheduler: a token budget per worker per step, running requests
+first, then waiting ones (chunked prefill), prefix-cache-aware placement, preemption by
+recompute. It decides with token counts and block ids only; its output is plain data."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from titanserve.core.block_manager import BlockManager
+from titanserve.core.request import Request, RequestStatus
+from titanserve.ipc.messages import NewRequest, SeqPlan, StepPlan
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_batched_tokens: int = 2048  # per worker per step
+    max_num_seqs: int = 256  # running requests per worker
+    max_model_len: int = 4096
+    num_workers: int = 1
+
+
+@dataclass
+class ScheduledSeq:
+    request: Request
+    num_new_tokens: int
+    sample: bool
+
+
+@dataclass
+class SchedulerOutput:
+    step_id: int
+    plans: list[StepPlan]  # one per worker
+    scheduled: list[ScheduledSeq]
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_managers: list[BlockManager]) -> None:
+        assert len(block_managers) == config.num_workers
+        self.config = config
+        self.block_managers = block_managers
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.step_id = 0
+        # Worker-side state to drop, per worker, sent with the next plan.
+        self._finished_ids: list[list[str]] = [[] for _ in block_managers]
+
+    # ------------------------------------------------------------------ queue verbs
+    def add(self, request: Request) -> None:
+        assert request.request_id not in self.requests, "duplicate request id"
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def finish(self, request: Request, reason: str) -> None:
+        """Finish (or abort) a request and release everything it holds."""
+        if request.is_finished:
+            return
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        self._release(request)
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+        del self.requests[request.request_id]
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # ------------------------------------------------------------------ schedule
+    def schedule(self) -> SchedulerOutput:
+        cfg = self.config
+        budgets = [cfg.max_num_batched_tokens] * cfg.num_workers
+        scheduled: list[ScheduledSeq] = []
+        preempted: list[Request] = []
+
+        pending = list(self.running)
+        while pending:
+            request = pending.pop(0)
+            w = request.worker
+            num_new = min(request.num_tokens - request.num_computed_tokens, budgets[w])
+            if num_new <= 0:
+                continue
+            block_manager = self.block_managers[w]
+            target = request.num_computed_tokens + num_new
+            while not block_manager.can_append(request, target):
+                victim = next((r for r in reversed(pending) if r.worker == w), request)
+                if victim is not request:
+                    pending.remove(victim)
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is request:
+                    break
+            else:
+                block_manager.append(request, target)
+                budgets[w] -= num_new
+                scheduled.append(ScheduledSeq(request, num_new, target == request.num_tokens))
+
+        num_running = [0] * cfg.num_workers
+        for request in self.running:
+            num_running[request.worker] += 1
+        while self.waiting and not preempted:
+            request = self.waiting[0]
+            placed = self._place(request, budgets, num_running)
+            if placed is None:
+                break
+            w, cached, num_new = placed
+            self.waiting.popleft()
+            request.worker = w
+            request.num_computed_tokens = len(cached) * self.block_managers[w].block_size
+            self.block_managers[w].allocate(request, cached, request.num_computed_tokens + num_new)
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            num_running[w] += 1
+            budgets[w] -= num_new
+            target = request.num_computed_tokens + num_new
+            scheduled.append(ScheduledSeq(request, num_new, target == request.num_tokens))
+
+        self.step_id += 1
+        return SchedulerOutput(self.step_id, self._plans(scheduled), scheduled, preempted)
+
+    def _place(
+        self, request: Request, budgets: list[int], num_running: list[int]
+    ) -> tuple[int, list[int], int] | None:
+        """Pick the worker holding the longest cached prefix, else the least loaded one."""
+        options = []
+        for w, block_manager in enumerate(self.block_managers):
+            if budgets[w] <= 0 or num_running[w] >= self.config.max_num_seqs:
+                continue
+            cached = block_manager.find_cached_prefix(request)
+            options.append((-len(cached), num_running[w], block_manager.usage, w, cached))
+        for *_, w, cached in sorted(options, key=lambda o: o[:4]):
+            num_cached = len(cached) * self.block_managers[w].block_size
+            num_new = min(request.num_tokens - num_cached, budgets[w])
+            if self.block_managers[w].can_allocate(cached, num_cached + num_new):
+                return w, cached, num_new
+        return None
+
+    def _plans(self, scheduled: list[ScheduledSeq]) -> list[StepPlan]:
+        per_worker: list[list[SeqPlan]] = [[] for _ in self.block_managers]
+        # NOTE: decodes (one new token) come first in every plan; the runner relies on it.
+        for s in sorted(scheduled, key=lambda s: s.num_new_tokens != 1):
+            r = s.request
+            start = r.num_computed_tokens
+            new = None
+            if r.needs_reset:
+                new = NewRequest(
+                    sampling=r.sampling,
+                    num_prompt_tokens=r.num_prompt_tokens,
+                    history_token_ids=list(r.all_token_ids) if r.sampling.needs_penalties else [],
+                )
+                r.needs_reset = False
+            per_worker[r.worker].append(
+                SeqPlan(
+                    request_id=r.request_id,
+                    token_ids=r.all_token_ids[start : start + s.num_new_tokens],
+                    start_pos=start,
+                    block_ids=list(r.block_ids),
+                    sample=s.sample,
+                    new=new,
+                )
+            )
+        plans = []
+        for w, seqs in enumerate(per_worker):
+            plans.append(
+                StepPlan(step_id=self.step_id, seqs=seqs, finished_ids=self._finished_ids[w])
+            )
+            self._finished_ids[w] = []
+        return plans
+
+    # ------------------------------------------------------------------ update
+    def update(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """Advance counters after a step; `sampled` maps request id -> new token.
+        Returns the requests that finished by a token-level rule (eos, stop ids, length)."""
+        finished = []
+        for s in output.scheduled:
+            r = s.request
+            if r.is_finished or r.status != RequestStatus.RUNNING:
+                continue  # aborted while the step ran
+            r.num_computed_tokens += s.num_new_tokens
+            self.block_managers[r.worker].cache_full_blocks(r)
+            if s.sample:
+                r.append_output(sampled[r.request_id])
+                reason = r.check_stop()
+                if reason is None and r.num_tokens >= self.config.max_model_len:
+                    reason = "length"
+                if reason is not None:
+                    self.finish(r, reason)
+                    finished.append(r)
+        return finished
+
+    # ------------------------------------------------------------------ internals
+    def _preempt(self, request: Request) -> None:
+        """Preemption by recompute: drop the KV, keep the generated tokens."""
+        self.running.remove(request)
+        self._release(request)
+        request.status = RequestStatus.WAITING
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        request.needs_reset = True
+        self.waiting.appendleft(request)
+
+    def _release(self, request: Request) -> None:
+        if request.worker is not None:
+            self.block_managers[request.worker].free(request)
+            self._finished_ids[request.worker].append(request.request_id)
+            request.worker = None

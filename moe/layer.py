@@ -1,0 +1,68 @@
+"""The MoE layer: route locally, compute experts grouped, add the shared expert.
+
+Expert parallel: when the placement spans several workers, an `ExpertParallel` exchange
+(all-to-all dispatch/combine) wraps the very same grouped compute.
+Legend: T tokens, H hidden, E experts (global), El local experts, K top-k, I expert width.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from titanserve.core.config import ModelConfig
+from titanserve.core.model.layers import GatedMLP
+from titanserve.kernels import ops
+from titanserve.moe.placement import ExpertPlacement
+from titanserve.moe.router import route
+
+
+class MoELayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, placement: ExpertPlacement) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.placement = placement
+        num_local = len(placement.local_experts)
+        inter, hidden = cfg.moe_intermediate_size, cfg.hidden_size
+        self.gate = nn.Parameter(torch.empty(cfg.num_experts, hidden), requires_grad=False)
+        self.w_gate_up = nn.Parameter(
+            torch.empty(num_local, 2 * inter, hidden), requires_grad=False
+        )
+        self.w_down = nn.Parameter(torch.empty(num_local, hidden, inter), requires_grad=False)
+        self.shared_expert = (
+            GatedMLP(hidden, cfg.shared_expert_intermediate_size)
+            if cfg.shared_expert_intermediate_size
+            else None
+        )
+        self.shared_expert_gate = (
+            nn.Parameter(torch.empty(1, hidden), requires_grad=False)
+            if cfg.shared_expert_gate
+            else None
+        )
+        self.register_buffer("expert_map", placement.expert_map(), persistent=False)
+        self.exchange = None  # set by the worker when experts are sharded (ExpertParallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (T, H) -> (T, H)
+        router_logits = F.linear(x, self.gate)  # (T, E)
+        weights, ids = route(self.cfg, router_logits)  # (T, K) fp32, (T, K) int32
+        weights = weights.to(x.dtype)
+        if self.exchange is None:
+            out = self.compute_experts(x, weights, ids)
+        else:
+            out = self.exchange(x, weights, ids, self.compute_experts)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(x)  # (T, H)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(F.linear(x, self.shared_expert_gate)) * shared
+            out = out + shared
+        return out
+
+    def compute_experts(
+        self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
+    ) -> torch.Tensor:
+        """Grouped compute on this worker's experts: sum_k w[t,k] * expert_{ids[t,k]}(x[t]).
+        Pairs routed to experts that are not local contribute nothing."""
+        return ops.fused_moe(
+            x, self.w_gate_up, self.w_down, weights.float(), ids, expert_map=self.expert_map
+        )
