@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from tqdm import tqdm
@@ -10,7 +10,7 @@ from tqdm import tqdm
 from titanserve.core.engine import Engine
 from titanserve.core.engine_config import EngineConfig
 from titanserve.core.errors import InvalidRequest
-from titanserve.core.outputs import RequestOutput
+from titanserve.core.outputs import RequestOutput, StepDelta
 from titanserve.core.sampling_params import SamplingParams
 
 Prompt = str | list[int]
@@ -46,6 +46,31 @@ class LLM:
             outputs.append(self.engine.get_output(rid))
         self._run(len(outputs), use_tqdm)
         return outputs
+
+    def stream(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | None = None,
+    ) -> Iterator[StepDelta]:
+        """Run prompts together and yield every request's deltas as they are produced.
+        Request ids are "req-<n>"; `StepDelta.request_id` tells them apart."""
+        prompts = _as_list(prompts)
+        params = sampling_params if sampling_params is not None else SamplingParams()
+        token_ids = [self.engine.tokenize(p) for p in prompts]
+        for ids in token_ids:
+            self.engine.validate(ids, params)
+        rids = [self.engine.add_request(ids, params) for ids in token_ids]
+        pending = set(rids)
+        try:
+            while pending:
+                for delta in self.engine.step():
+                    if delta.request_id in pending:
+                        if delta.finished:
+                            pending.discard(delta.request_id)
+                        yield delta
+        finally:
+            for rid in pending:
+                self.engine.abort(rid)
 
     def chat(
         self,
