@@ -4,7 +4,8 @@ Use the ops (`from titanserve.kernels import ops`); they run Triton on CUDA tens
 elsewhere (see `backend`).
 """
 
-from titanserve.kernels import ops
-from titanserve.kernels.backend import backend, forced_backend
+# backend first: it configures Triton before any kernel module imports it.
+from titanserve.kernels.backend import backend, forced_backend  # isort: skip
+from titanserve.kernels import ops  # isort: skip
 
 __all__ = ["backend", "forced_backend", "ops"]

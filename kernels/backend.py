@@ -31,6 +31,12 @@ MOE_CONFIG_DIR: Path | None = (
 
 _forced: str | None = _ENV_BACKEND
 
+# NOTE: Triton decides between compiling and interpreting when it and the kernels are imported,
+# not per launch. A torch build without CUDA can only interpret, so turn the interpreter on
+# before any kernel module imports triton; forcing the triton backend on CPU then just works.
+if torch.version.cuda is None and torch.version.hip is None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def backend(t: torch.Tensor | None = None) -> str:
     """The backend that runs ops on `t`: "triton" for CUDA tensors, "torch" otherwise.

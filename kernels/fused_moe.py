@@ -7,10 +7,28 @@ K top-k.
 
 from __future__ import annotations
 
+import functools
+import json
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from titanserve.kernels.backend import MOE_CONFIG_DIR
+from titanserve.kernels.launch import cdiv, require, require_launchable
+from titanserve.kernels.moe_align import align_blocks
 
 ACTIVATIONS = ("silu", "swiglu_oai")
+CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
+# Default tiles by routed pairs per expert (T*K/E): small GEMMs want short, wide blocks.
+_DEFAULT_CONFIGS = (
+    (16, {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}),
+    (96, {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}),
+    (None, {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}),
+)
+_MAX_PAIRS_PER_CHUNK = 16384  # bounds the (pairs, H) fp32 scratch of the Triton path
 
 
 def activate(
@@ -74,5 +92,178 @@ def fused_moe_torch(
     return out.to(x.dtype)
 
 
-# The Triton kernel lands in the next commit; until then CUDA tensors use torch.
-fused_moe_triton = fused_moe_torch
+
+def config_file_name(E: int, N: int, K: int, dtype: torch.dtype, device_name: str) -> str:
+    """Name of a tuned table for E experts, intermediate size N, hidden size K."""
+    dtype_name = str(dtype).removeprefix("torch.")
+    return f"E={E},N={N},K={K},device_name={device_name.replace(' ', '_')},dtype={dtype_name}.json"
+
+
+@functools.lru_cache(maxsize=64)
+def _tuned_table(file_name: str) -> dict[int, dict] | None:
+    dirs = [d for d in (MOE_CONFIG_DIR, Path(__file__).parent / "configs") if d is not None]
+    for path in (d / file_name for d in dirs):
+        if path.is_file():
+            return {int(m): cfg for m, cfg in json.loads(path.read_text()).items()}
+    return None
+
+
+def get_config(T: int, E: int, N: int, K: int, top_k: int, x: torch.Tensor) -> dict:
+    """Tiles for T tokens: the tuned table's entry nearest T when one exists, else a default."""
+    if x.is_cuda:
+        name = config_file_name(E, N, K, x.dtype, torch.cuda.get_device_name(x.device))
+        table = _tuned_table(name)
+        if table:
+            return table[min(table, key=lambda m: abs(m - T))]
+    per_expert = T * top_k / max(E, 1)
+    return next(cfg for bound, cfg in _DEFAULT_CONFIGS if bound is None or per_expert <= bound)
+
+
+@triton.jit
+def _gate_up_kernel(
+    x_ptr, w_ptr, bias_ptr, inter_ptr, sorted_ids_ptr, block_expert_ids_ptr,
+    num_pairs, top_k, H, inter_size,
+    stride_xt, stride_we, stride_wn, stride_be, limit, alpha,
+    SWIGLU_OAI: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """inter[pair, n] = act(x[token] . w[e, n], x[token] . w[e, I + n]), one block of pairs."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert = tl.load(block_expert_ids_ptr + pid_m).to(tl.int64)
+    pairs = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    row_ok = pairs < num_pairs
+    tokens = (pairs // top_k).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = offs_n < inter_size
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = x_ptr + tokens[:, None] * stride_xt + offs_k[None, :]
+    g_ptrs = w_ptr + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]
+    u_ptrs = g_ptrs + inter_size * stride_wn
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        k_ok = offs_k < H - k0
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w_mask = k_ok[:, None] & col_ok[None, :]
+        acc_g = tl.dot(a, tl.load(g_ptrs, mask=w_mask, other=0.0), acc_g, input_precision=PRECISION)
+        acc_u = tl.dot(a, tl.load(u_ptrs, mask=w_mask, other=0.0), acc_u, input_precision=PRECISION)
+        a_ptrs += BLOCK_K
+        g_ptrs += BLOCK_K
+        u_ptrs += BLOCK_K
+    if HAS_BIAS:
+        b_ptrs = bias_ptr + expert * stride_be + offs_n
+        acc_g += tl.load(b_ptrs, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        acc_u += tl.load(b_ptrs + inter_size, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if SWIGLU_OAI:
+        g = tl.minimum(acc_g, limit)
+        u = tl.minimum(tl.maximum(acc_u, -limit), limit)
+        h = g * tl.sigmoid(alpha * g) * (u + 1.0)
+    else:
+        h = acc_g * tl.sigmoid(acc_g) * acc_u
+    out_ptrs = inter_ptr + pairs.to(tl.int64)[:, None] * inter_size + offs_n[None, :]
+    tl.store(out_ptrs, h.to(inter_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _down_kernel(
+    inter_ptr, w_ptr, bias_ptr, topk_weights_ptr, out_ptr, sorted_ids_ptr, block_expert_ids_ptr,
+    num_pairs, H, inter_size, stride_we, stride_wn, stride_be,
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out[pair, n] = topk_weight[pair] * (inter[pair] . w[e, n] + bias[e, n]), fp32."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert = tl.load(block_expert_ids_ptr + pid_m).to(tl.int64)
+    pairs = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    row_ok = pairs < num_pairs
+    rows = pairs.to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = offs_n < H
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = inter_ptr + rows[:, None] * inter_size + offs_k[None, :]
+    w_ptrs = w_ptr + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, inter_size, BLOCK_K):
+        k_ok = offs_k < inter_size - k0
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + expert * stride_be + offs_n, mask=col_ok, other=0.0)
+        acc += b.to(tl.float32)[None, :]
+    acc *= tl.load(topk_weights_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    tl.store(out_ptr + rows[:, None] * H + offs_n[None, :], acc,
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+def fused_moe_triton(
+    x: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    expert_map: torch.Tensor | None = None,
+    activation: str = "silu",
+    gate_up_bias: torch.Tensor | None = None,
+    down_bias: torch.Tensor | None = None,
+    swiglu_limit: float = 7.0,
+    swiglu_alpha: float = 1.702,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """Triton `fused_moe_torch`: align pairs into per-expert blocks of BLOCK_M rows, grouped
+    GEMM gate_up with the activation fused, grouped GEMM down with the router weight in the
+    epilogue into a per-pair fp32 buffer, then a fixed-order sum over the top-k
+    (deterministic). `config` overrides the tile sizes (see `get_config`)."""
+    require_launchable("fused_moe", x, w_gate_up, w_down, topk_weights, topk_ids, expert_map,
+                       gate_up_bias, down_bias)
+    require(x.stride(1) == 1 and w_gate_up.stride(2) == 1 and w_down.stride(2) == 1,
+            "fused_moe: x, w_gate_up and w_down need a contiguous last dim")
+    T, H = x.shape
+    E_local, two_i, _ = w_gate_up.shape
+    inter_size = two_i // 2
+    top_k = topk_ids.shape[1]
+    chunk = max(1, _MAX_PAIRS_PER_CHUNK // top_k)
+    if T > chunk:
+        return torch.cat([
+            fused_moe_triton(
+                x[s : s + chunk], w_gate_up, w_down, topk_weights[s : s + chunk],
+                topk_ids[s : s + chunk], expert_map, activation, gate_up_bias, down_bias,
+                swiglu_limit, swiglu_alpha, config)
+            for s in range(0, T, chunk)
+        ])
+    cfg = config or get_config(T, E_local, inter_size, H, top_k, x)
+    BM, BN, BK = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    launch = {"num_warps": cfg.get("num_warps", 4), "num_stages": cfg.get("num_stages", 3)}
+    ids = topk_ids
+    if expert_map is not None:  # non-local pairs go to a dummy expert E_local, sorted last
+        local = expert_map.to(torch.int32)[topk_ids.long()]  # (T, K)
+        ids = torch.where(local < 0, E_local, local)
+    num_experts = E_local + (expert_map is not None)
+    sorted_ids, block_expert_ids, padded = align_blocks(ids, num_experts, BM)
+    num_blocks = int(padded[:E_local].sum()) // BM  # the dummy expert's blocks are not run
+    num_pairs = T * top_k
+    pair_out = torch.zeros(num_pairs, H, dtype=torch.float32, device=x.device)  # (T*K, H)
+    if num_blocks > 0:
+        precision = "ieee" if x.dtype == torch.float32 else "tf32"
+        inter = torch.empty(num_pairs, inter_size, dtype=x.dtype, device=x.device)  # (T*K, I)
+        _gate_up_kernel[(num_blocks, cdiv(inter_size, BN))](
+            x, w_gate_up, gate_up_bias if gate_up_bias is not None else x, inter, sorted_ids,
+            block_expert_ids, num_pairs, top_k, H, inter_size, x.stride(0), w_gate_up.stride(0),
+            w_gate_up.stride(1), gate_up_bias.stride(0) if gate_up_bias is not None else 0,
+            float(swiglu_limit), float(swiglu_alpha), SWIGLU_OAI=activation == "swiglu_oai",
+            HAS_BIAS=gate_up_bias is not None, PRECISION=precision,
+            BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, **launch,
+        )
+        weights = topk_weights.reshape(-1).float().contiguous()  # (T*K,)
+        _down_kernel[(num_blocks, cdiv(H, BN))](
+            inter, w_down, down_bias if down_bias is not None else x, weights, pair_out,
+            sorted_ids, block_expert_ids, num_pairs, H, inter_size, w_down.stride(0),
+            w_down.stride(1), down_bias.stride(0) if down_bias is not None else 0,
+            HAS_BIAS=down_bias is not None, PRECISION=precision,
+            BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, **launch,
+        )
+    return pair_out.view(T, top_k, H).sum(dim=1).to(x.dtype)  # (T, H)

@@ -7,6 +7,10 @@ Legend: T tokens, K top-k, E experts (global), P padded pair slots.
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
+
+from titanserve.kernels.launch import next_pow2, require_launchable
 
 
 def max_padded_pairs(num_pairs: int, num_experts: int, block_m: int) -> int:
@@ -53,5 +57,81 @@ def moe_align_torch(
     return sorted_ids, block_expert_ids, num_tokens_post_pad
 
 
-# The Triton kernel lands in the next commit; until then CUDA tensors use torch.
-moe_align_triton = moe_align_torch
+
+@triton.jit
+def _count_kernel(ids_ptr, counts_ptr, num_pairs, BLOCK: tl.constexpr):
+    expert = tl.program_id(0)
+    count = tl.zeros((), tl.int32)
+    for start in range(0, num_pairs, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        ids = tl.load(ids_ptr + offs, mask=offs < num_pairs, other=-1)
+        count += tl.sum((ids == expert).to(tl.int32), axis=0)
+    tl.store(counts_ptr + expert, count)
+
+
+@triton.jit
+def _scatter_kernel(
+    ids_ptr, counts_ptr, expert_map_ptr, sorted_ids_ptr, block_expert_ids_ptr,
+    num_pairs, num_experts, block_m,
+    HAS_MAP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    expert = tl.program_id(0)
+    offs_e = tl.arange(0, BLOCK_E)
+    counts = tl.load(counts_ptr + offs_e, mask=offs_e < num_experts, other=0)
+    padded = (counts + block_m - 1) // block_m * block_m
+    start = tl.sum(tl.where(offs_e < expert, padded, 0), axis=0)
+    num_blocks = tl.sum(tl.where(offs_e == expert, padded, 0), axis=0) // block_m
+    local = expert
+    if HAS_MAP:
+        local = tl.load(expert_map_ptr + expert).to(tl.int32)
+    for b in range(0, num_blocks, BLOCK):
+        offs_b = b + tl.arange(0, BLOCK)
+        tl.store(block_expert_ids_ptr + start // block_m + offs_b,
+                 tl.zeros((BLOCK,), tl.int32) + local, mask=offs_b < num_blocks)
+    seen = tl.zeros((), tl.int32)
+    for base in range(0, num_pairs, BLOCK):  # keeps pairs in ascending order within the expert
+        offs = base + tl.arange(0, BLOCK)
+        ids = tl.load(ids_ptr + offs, mask=offs < num_pairs, other=-1)
+        hit = (ids == expert).to(tl.int32)
+        rank = seen + tl.cumsum(hit, axis=0) - 1
+        tl.store(sorted_ids_ptr + start + rank, offs, mask=hit > 0)
+        seen += tl.sum(hit, axis=0)
+
+
+def align_blocks(
+    topk_ids: torch.Tensor,
+    num_experts: int,
+    block_m: int,
+    expert_map: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Triton alignment without a host sync: `(sorted_ids, block_expert_ids, padded_counts
+    (E,) int32)`, where padded_counts[e] is expert e's run length."""
+    require_launchable("moe_align", topk_ids, expert_map)
+    device = topk_ids.device
+    num_pairs = topk_ids.numel()
+    P = max_padded_pairs(num_pairs, num_experts, block_m)
+    ids = topk_ids.reshape(-1).to(torch.int32)  # (T*K,)
+    sorted_ids = torch.full((P,), num_pairs, dtype=torch.int32, device=device)
+    block_expert_ids = torch.full((P // block_m,), -1, dtype=torch.int32, device=device)
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=device)  # (E,)
+    if num_pairs > 0:
+        block = min(1024, next_pow2(num_pairs))
+        _count_kernel[(num_experts,)](ids, counts, num_pairs, BLOCK=block)
+        _scatter_kernel[(num_experts,)](
+            ids, counts, expert_map if expert_map is not None else ids, sorted_ids,
+            block_expert_ids, num_pairs, num_experts, block_m,
+            HAS_MAP=expert_map is not None, BLOCK=block, BLOCK_E=next_pow2(num_experts),
+        )
+    return sorted_ids, block_expert_ids, (counts + block_m - 1) // block_m * block_m
+
+
+def moe_align_triton(
+    topk_ids: torch.Tensor,
+    num_experts: int,
+    block_m: int,
+    expert_map: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Triton `moe_align_torch`: a counting pass and a stable scatter pass, one program per
+    expert."""
+    sorted_ids, block_expert_ids, padded = align_blocks(topk_ids, num_experts, block_m, expert_map)
+    return sorted_ids, block_expert_ids, int(padded.sum())

@@ -6,6 +6,10 @@ Legend: T tokens, Hq / Hk query / key heads, D head dim, R rotary dim (<= D).
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
+
+from titanserve.kernels.launch import next_pow2, require, require_launchable
 
 
 def _rotate_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, is_neox: bool) -> None:
@@ -37,5 +41,64 @@ def rotary_torch(
     _rotate_(k, cos, sin, is_neox)
 
 
-# The Triton kernel lands in the next commit; until then CUDA tensors use torch.
-rotary_triton = rotary_torch
+
+@triton.jit
+def _rotate_heads(
+    x_ptr, stride_t, stride_h, stride_d, num_heads, token, cos, sin, offs_r, mask_r,
+    IS_NEOX: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    offs_h = tl.arange(0, BLOCK_H)
+    mask = (offs_h < num_heads)[:, None] & mask_r[None, :]  # (BLOCK_H, BLOCK_R)
+    if IS_NEOX:
+        d1, d2 = offs_r, offs_r + HALF
+    else:
+        d1, d2 = 2 * offs_r, 2 * offs_r + 1
+    base = x_ptr + token * stride_t + offs_h[:, None] * stride_h
+    p1 = base + d1[None, :] * stride_d
+    p2 = base + d2[None, :] * stride_d
+    x1 = tl.load(p1, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(p2, mask=mask, other=0.0).to(tl.float32)
+    tl.store(p1, (x1 * cos - x2 * sin).to(x_ptr.dtype.element_ty), mask=mask)
+    tl.store(p2, (x2 * cos + x1 * sin).to(x_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rotary_kernel(
+    q_ptr, k_ptr, positions_ptr, cache_ptr,
+    stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd, stride_cache,
+    num_q_heads, num_k_heads,
+    IS_NEOX: tl.constexpr, HALF: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    pos = tl.load(positions_ptr + token).to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < HALF
+    cos = tl.load(cache_ptr + pos * stride_cache + offs_r, mask=mask_r, other=0.0)[None, :]
+    sin = tl.load(cache_ptr + pos * stride_cache + HALF + offs_r, mask=mask_r, other=0.0)[None, :]
+    _rotate_heads(q_ptr, stride_qt, stride_qh, stride_qd, num_q_heads, token, cos, sin,
+                  offs_r, mask_r, IS_NEOX, HALF, BLOCK_HQ)
+    _rotate_heads(k_ptr, stride_kt, stride_kh, stride_kd, num_k_heads, token, cos, sin,
+                  offs_r, mask_r, IS_NEOX, HALF, BLOCK_HK)
+
+
+def rotary_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    is_neox: bool = True,
+) -> None:
+    """Triton `rotary_torch`: one program per token rotates all its q and k heads in place."""
+    require_launchable("rotary", q, k, positions, cos_sin_cache)
+    require(cos_sin_cache.dtype == torch.float32 and cos_sin_cache.stride(1) == 1,
+            "rotary: cos_sin_cache must be fp32 with a contiguous last dim")
+    T = q.shape[0]
+    if T == 0:
+        return
+    half = cos_sin_cache.shape[1] // 2
+    _rotary_kernel[(T,)](
+        q, k, positions, cos_sin_cache, *q.stride(), *k.stride(), cos_sin_cache.stride(0),
+        q.shape[1], k.shape[1], IS_NEOX=is_neox, HALF=half, BLOCK_R=next_pow2(half),
+        BLOCK_HQ=next_pow2(q.shape[1]), BLOCK_HK=next_pow2(k.shape[1]),
+    )
