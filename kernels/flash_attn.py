@@ -9,6 +9,10 @@ from __future__ import annotations
 import math
 
 import torch
+import triton
+import triton.language as tl
+
+from titanserve.kernels.launch import cdiv, next_pow2, require, require_launchable
 from titanserve.kernels.lse_merge import lse_merge_torch
 
 _cpu_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -67,5 +71,95 @@ def flash_attn_fwd_torch(
     return out, lse
 
 
-# The Triton kernel lands in the next commit; until then CUDA tensors use torch.
-flash_attn_fwd_triton = flash_attn_fwd_torch
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _flash_attn_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
+    Tq, Tk, Hq, D, group, q_offset, scale_log2,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    head = tl.program_id(1)
+    kv_head = head // group
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < Tq
+    d_ok = offs_d < D
+    q_ptrs = q_ptr + offs_m.to(tl.int64)[:, None] * stride_qt + head * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+    keys = offs_n.to(tl.int64)
+    k_ptrs = k_ptr + kv_head * stride_kh + keys[None, :] * stride_kt + offs_d[:, None]
+    v_ptrs = v_ptr + kv_head * stride_vh + keys[:, None] * stride_vt + offs_d[None, :]
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)  # running max, log2 units
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    end = Tk
+    if CAUSAL:  # the block's last query sees keys up to its row + q_offset
+        end = tl.minimum(Tk, (pid_m + 1) * BLOCK_M + q_offset)
+    for start in range(0, end, BLOCK_N):
+        cols = start + offs_n
+        col_ok = cols < Tk
+        k = tl.load(k_ptrs, mask=d_ok[:, None] & col_ok[None, :], other=0.0)  # (BLOCK_D, BLOCK_N)
+        s = tl.dot(q, k, input_precision=PRECISION) * scale_log2  # (BLOCK_M, BLOCK_N)
+        ok = col_ok[None, :]
+        if CAUSAL:
+            ok = ok & (cols[None, :] <= offs_m[:, None] + q_offset)
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked rows stay at 0
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+        k_ptrs += BLOCK_N * stride_kt
+        v_ptrs += BLOCK_N * stride_vt
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse2 = m_i + tl.log2(tl.where(empty, 1.0, l_i))
+    lse = tl.where(empty, float("-inf"), lse2 * 0.6931471805599453)  # log2 -> natural log
+    rows = offs_m.to(tl.int64) * Hq + head
+    tl.store(out_ptr + rows[:, None] * D + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(lse_ptr + rows, lse, mask=m_ok)
+
+
+def flash_attn_fwd_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = True,
+    q_offset: int = 0,
+    scale: float | None = None,
+    block_m: int = 64,
+    block_n: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton `flash_attn_fwd_torch`: one program per (BLOCK_M queries, query head), online
+    softmax over key blocks, stopping at the causal limit."""
+    require_launchable("flash_attn_fwd", q, k, v)
+    require(q.stride(2) == 1 and k.stride(2) == 1 and v.stride(2) == 1,
+            "flash_attn_fwd: q, k and v need a contiguous head dim")
+    require(q.dtype == k.dtype == v.dtype, "flash_attn_fwd: q, k and v must share a dtype")
+    Tq, Hq, D = q.shape
+    Tk, Hk, _ = k.shape
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    out = torch.empty(Tq, Hq, D, dtype=q.dtype, device=q.device)  # (Tq, Hq, D)
+    lse = torch.empty(Tq, Hq, dtype=torch.float32, device=q.device)  # (Tq, Hq)
+    if Tq == 0:
+        return out, lse
+    block_d = max(16, next_pow2(D))
+    _flash_attn_kernel[(cdiv(Tq, block_m), Hq)](
+        q, k, v, out, lse, Tq, Tk, Hq, D, Hq // Hk, q_offset, scale * LOG2E,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        CAUSAL=causal, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        num_warps=4 if block_d <= 64 else 8, num_stages=2,
+    )
+    return out, lse
