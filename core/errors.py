@@ -1,8 +1,8 @@
 """User-facing error types of the engine (one-line messages that say what to do)."""
 
+from titanserve.ipc.errors import TitanserveError, WorkerLost
 
-class TitanserveError(Exception):
-    """Base of every error titanserve raises on purpose."""
+__all__ = ["ConfigError", "InvalidRequest", "TitanserveError", "WorkerLost"]
 
 
 class ConfigError(TitanserveError, ValueError):

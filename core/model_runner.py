@@ -61,6 +61,7 @@ class ModelRunner:
             device=device,
         )
         self.sampler = Sampler(seed)
+        self.lockstep = False  # set by a worker whose layers run collectives
         self.states: dict[str, SamplingState] = {}
 
     # ------------------------------------------------------------------ step
@@ -76,7 +77,8 @@ class ModelRunner:
                     seq.new.sampling, seq.new.num_prompt_tokens, list(seq.new.history_token_ids)
                 )
         if not plan.seqs:
-            self.run_model(torch.empty(0, dtype=torch.int64, device=self.device), None)
+            if self.lockstep:  # join the other workers' collectives with no tokens
+                self.run_model(torch.empty(0, dtype=torch.int64, device=self.device), None)
             return StepResult(
                 step_id=plan.step_id, seqs=[], compute_time_s=time.perf_counter() - t0
             ), None

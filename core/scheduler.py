@@ -133,7 +133,9 @@ class Scheduler:
         for w, block_manager in enumerate(self.block_managers):
             if budgets[w] <= 0 or num_running[w] >= self.config.max_num_seqs:
                 continue
-            cached = block_manager.find_cached_prefix(request)
+            # Prompt logits are wanted at every position: nothing may come from the cache.
+            wants_all = request.sampling.return_prompt_logits
+            cached = [] if wants_all else block_manager.find_cached_prefix(request)
             options.append((-len(cached), num_running[w], block_manager.usage, w, cached))
         for *_, w, cached in sorted(options, key=lambda o: o[:4]):
             num_cached = len(cached) * self.block_managers[w].block_size

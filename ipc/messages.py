@@ -61,3 +61,36 @@ class StepResult(Struct):
     step_id: int
     seqs: list[SeqResult]
     compute_time_s: float = 0.0
+
+
+# ---------------------------------------------------------------- worker lifecycle
+
+
+class WorkerReady(Struct):
+    """A worker loaded its shard and joined the mesh."""
+
+    rank: int
+    local_experts: list[int]  # global ids of the experts this worker holds
+    expert_param_count: int  # elements in its expert weights (all MoE layers)
+    num_kv_blocks: int
+
+
+class WorkerError(Struct):
+    """A worker could not do what it was asked; `fatal` means it is exiting."""
+
+    rank: int
+    message: str
+    fatal: bool = False
+    lost_rank: int | None = None  # set when the error is a lost peer
+
+
+class Shutdown(Struct):
+    pass
+
+
+ToWorker = StepPlan | Shutdown
+FromWorker = StepResult | WorkerReady | WorkerError
+
+# NOTE: every decoder of bytes from a socket is typed and every socket that receives them sets
+# zmq.MAXMSGSIZE: a plan or result larger than this is refused, never buffered.
+MAX_CONTROL_MESSAGE_BYTES = 256 * 1024 * 1024

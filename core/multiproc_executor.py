@@ -1,0 +1,214 @@
+"""Executor over W worker processes: plans go out, results come back over ZeroMQ.
+
+Lifecycle: workers are spawned on construction and reaped by `shutdown()`, by interpreter
+exit, or when the engine process dies (workers watch their parent). A worker that dies
+fails the step with `WorkerLost` naming its rank within about a second.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import weakref
+from pathlib import Path
+
+import msgspec
+import torch
+import zmq
+
+from titanserve.core.config import ModelConfig
+from titanserve.core.engine_config import EngineConfig
+from titanserve.core.errors import ConfigError, WorkerLost
+from titanserve.ipc.messages import (
+    MAX_CONTROL_MESSAGE_BYTES,
+    FromWorker,
+    Shutdown,
+    StepPlan,
+    StepResult,
+    WorkerError,
+    WorkerReady,
+)
+from titanserve.ipc.tensor_frames import decode_tensor
+
+POLL_MS = 100
+READY_TIMEOUT_S = 300.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MultiProcExecutor:
+    def __init__(
+        self,
+        config: EngineConfig,
+        model_path: Path,
+        model_cfg: ModelConfig,
+        num_blocks: int,
+        max_model_len: int,
+    ) -> None:
+        if model_cfg.num_experts and model_cfg.num_experts < config.num_workers:
+            raise ConfigError(
+                f"{model_cfg.num_experts} experts cannot be sharded over {config.num_workers} "
+                "workers; use fewer workers"
+            )
+        self.world_size = config.num_workers
+        worker_config = dataclasses.replace(
+            config, num_kv_blocks=num_blocks, max_model_len=max_model_len
+        )
+        self.run_dir = tempfile.mkdtemp(prefix="titanserve-")
+        os.mkdir(os.path.join(self.run_dir, "mesh"))
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_CONTROL_MESSAGE_BYTES)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind(f"ipc://{self.run_dir}/engine")
+        self.decoder = msgspec.msgpack.Decoder(FromWorker)
+        self.encoder = msgspec.msgpack.Encoder()
+        config_json = json.dumps(dataclasses.asdict(worker_config))
+        port = _free_port()
+        # A fresh interpreter per worker (no fork of a threaded parent, no re-import of the
+        # caller's __main__); arguments travel as JSON on the command line.
+        self.procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "titanserve.core.worker",
+                    config_json,
+                    str(model_path),
+                    str(rank),
+                    self.run_dir,
+                    str(port),
+                ]
+            )
+            for rank in range(self.world_size)
+        ]
+        self._closed = False
+        self.lost: WorkerLost | None = None
+        self._finalizer = weakref.finalize(self, _reap, self.procs, self.run_dir)
+        atexit.register(self._finalizer)
+        self.workers: list[WorkerReady] = [None] * self.world_size  # type: ignore[list-item]
+        self.step_time_s = 0.0
+        self.compute_time_s = 0.0
+        try:
+            self._await_ready()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    # ------------------------------------------------------------------ step
+    def execute(self, plans: list[StepPlan]) -> list[tuple[StepResult, torch.Tensor | None]]:
+        if self.lost is not None:
+            raise self.lost
+        try:
+            return self._execute(plans)
+        except WorkerLost as e:
+            self.lost = e  # the mesh is broken: every later step fails the same way
+            raise
+
+    def _execute(self, plans: list[StepPlan]) -> list[tuple[StepResult, torch.Tensor | None]]:
+        t0 = time.perf_counter()
+        for rank, plan in enumerate(plans):
+            self.sock.send_multipart([f"w{rank}".encode(), self.encoder.encode(plan)])
+        results: list = [None] * self.world_size
+        pending = self.world_size
+        while pending:
+            rank, msg, frames = self._recv()
+            if isinstance(msg, StepResult) and results[rank] is None:
+                logits = decode_tensor(frames[0], frames[1]) if len(frames) >= 2 else None
+                results[rank] = (msg, logits)
+                pending -= 1
+        self.step_time_s += time.perf_counter() - t0
+        self.compute_time_s += max(r.compute_time_s for r, _ in results)
+        return results
+
+    def _await_ready(self) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while any(w is None for w in self.workers):
+            if time.monotonic() > deadline:
+                raise WorkerLost(None, f"workers did not start within {READY_TIMEOUT_S:.0f} s")
+            rank, msg, _ = self._recv()
+            if isinstance(msg, WorkerReady):
+                self.workers[rank] = msg
+
+    def _recv(self) -> tuple[int, object, list]:
+        """Next well-formed message from a worker; garbage is dropped, deaths raise."""
+        while True:
+            if not self.sock.poll(POLL_MS):
+                self._check_alive()
+                continue
+            frames = self.sock.recv_multipart(copy=False)
+            identity = bytes(frames[0].buffer)
+            try:
+                rank = int(identity[1:].decode())
+                msg = self.decoder.decode(frames[1].buffer)
+            except (ValueError, msgspec.DecodeError, msgspec.ValidationError, IndexError):
+                continue  # not a worker's message: drop it, keep serving
+            if isinstance(msg, WorkerError):
+                if msg.fatal:
+                    lost = msg.lost_rank if msg.lost_rank is not None else rank
+                    raise WorkerLost(lost, msg.message)
+                continue
+            return rank, msg, frames[2:]
+
+    def _check_alive(self) -> None:
+        for rank, p in enumerate(self.procs):
+            if p.poll() is not None:
+                raise WorkerLost(rank, f"process exited with code {p.returncode}")
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def overhead_fraction(self) -> float:
+        """Share of step wall time spent outside the slowest worker's model compute."""
+        if self.step_time_s == 0:
+            return 0.0
+        return max(0.0, 1.0 - self.compute_time_s / self.step_time_s)
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for rank, p in enumerate(self.procs):
+            if p.poll() is None:
+                try:
+                    self.sock.send_multipart(
+                        [f"w{rank}".encode(), self.encoder.encode(Shutdown())], flags=zmq.NOBLOCK
+                    )
+                except zmq.ZMQError:
+                    pass
+        self.sock.close(linger=0)
+        self.ctx.term()
+        self._finalizer()
+
+
+def _reap(procs: list, run_dir: str) -> None:
+    """Join workers (then terminate, then kill) and remove the ipc:// socket folder."""
+    deadline = time.monotonic() + 5.0
+    for p in procs:
+        _wait(p, deadline - time.monotonic())
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+            _wait(p, 2.0)
+        if p.poll() is None:
+            p.kill()
+            _wait(p, 2.0)
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _wait(p: subprocess.Popen, timeout_s: float) -> None:
+    try:
+        p.wait(max(0.0, timeout_s))
+    except subprocess.TimeoutExpired:
+        pass

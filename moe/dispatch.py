@@ -1,0 +1,61 @@
+"""Expert-parallel exchange: all-to-all dispatch of (token, expert) pairs to the workers that
+own the experts, grouped expert compute there, all-to-all combine back, weighted sum.
+
+Legend: T local tokens, K top-k, H hidden, P = T*K pairs, N pairs received, W workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from titanserve.ipc.collectives import Collective
+from titanserve.moe.placement import ExpertPlacement
+
+ExpertCompute = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class ExpertParallel:
+    """Wraps a layer's grouped expert compute with dispatch/combine over a collective.
+
+    NOTE: every worker calls this for every MoE layer of every step, with 0 tokens too,
+    because the all-to-alls are collective.
+    """
+
+    def __init__(self, collective: Collective, placement: ExpertPlacement) -> None:
+        assert collective.world_size == placement.world_size
+        self.collective = collective
+        self.owner = placement.owner_tensor()  # (E,) worker of each expert
+
+    def __call__(
+        self,
+        x: torch.Tensor,  # (T, H)
+        weights: torch.Tensor,  # (T, K) router weights
+        ids: torch.Tensor,  # (T, K) global expert ids
+        compute: ExpertCompute,
+    ) -> torch.Tensor:
+        T, K = ids.shape
+        W = self.collective.world_size
+        flat_ids = ids.reshape(-1).long()  # (P,)
+        dest = self.owner.to(x.device)[flat_ids]  # (P,)
+        order = torch.argsort(dest, stable=True)  # pairs grouped by destination worker
+        send_counts = torch.bincount(dest, minlength=W).tolist()
+        token_of_pair = order // K  # (P,)
+        send_x = x[token_of_pair]  # (P, H)
+        # expert id and weight travel together; fp32 holds ids < 2**24 exactly
+        send_meta = torch.stack(
+            [flat_ids[order].float(), weights.reshape(-1)[order].float()], dim=1
+        )  # (P, 2)
+        recv_x = self.collective.all_to_all_v(list(send_x.split(send_counts)))
+        recv_meta = self.collective.all_to_all_v(list(send_meta.split(send_counts)))
+        recv_counts = [t.shape[0] for t in recv_x]
+        rx = torch.cat(recv_x)  # (N, H)
+        rmeta = torch.cat(recv_meta)  # (N, 2)
+        expert_out = compute(
+            rx, rmeta[:, 1:2].to(x.dtype), rmeta[:, 0:1].long()
+        )  # (N, H), already scaled by the router weight
+        back = self.collective.all_to_all_v(list(expert_out.split(recv_counts)))
+        out = torch.zeros(T, x.shape[1], dtype=x.dtype, device=x.device)  # (T, H)
+        out.index_add_(0, token_of_pair, torch.cat(back))
+        return out
