@@ -48,10 +48,8 @@ _LAYER_NAMES = {
 }
 
 
-def open_gguf(gguf_path: str | Path) -> Any:
-    """A `gguf.GGUFReader` over `gguf_path`, with a clear error for a missing or non-GGUF file."""
-    import gguf
-
+def check_gguf_file(gguf_path: str | Path) -> Path:
+    """`gguf_path` as a Path, or a clear error when it is missing or not a GGUF file."""
     path = Path(gguf_path)
     if not path.is_file():
         raise FileNotFoundError(
@@ -65,6 +63,14 @@ def open_gguf(gguf_path: str | Path) -> Any:
             f"{str(path)!r} is not a GGUF file (it does not start with b'GGUF'); pass a .gguf "
             "model file, or a Hugging Face checkpoint folder"
         )
+    return path
+
+
+def open_gguf(gguf_path: str | Path) -> Any:
+    """A `gguf.GGUFReader` over `gguf_path`, with a clear error for a missing or non-GGUF file."""
+    import gguf
+
+    path = check_gguf_file(gguf_path)
     try:
         return gguf.GGUFReader(path)
     except (ValueError, OSError) as e:  # truncated file, unknown version, ...
@@ -254,7 +260,7 @@ def cached_checkpoint_for_gguf(
     size and mtime, so an interrupted conversion, or a changed file, is converted again.
     """
     path = Path(gguf_path).expanduser().resolve()
-    open_gguf(path)  # clear errors for a missing or non-GGUF file, before any lock or folder
+    check_gguf_file(path)  # clear errors for a missing or non-GGUF file, before any folder
     out = _checkpoint_dir(path, dtype, Path(cache_dir) if cache_dir is not None else None)
     out.parent.mkdir(parents=True, exist_ok=True)
     expected = _marker_content(path, dtype)

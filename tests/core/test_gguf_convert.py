@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+
 from titanserve.core import gguf_convert
 from titanserve.core.gguf_convert import (
     cached_checkpoint_for_gguf,
@@ -212,12 +213,17 @@ def test_config_and_tokenizer_files(tmp_path):
 def test_missing_file_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         convert_gguf(tmp_path / "nope.gguf", tmp_path / "hf")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        cached_checkpoint_for_gguf(tmp_path / "nope.gguf", cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
 
 
 def test_not_a_gguf_file_error(tmp_path):
     (tmp_path / "model.gguf").write_bytes(b"PK\x03\x04 not a gguf")
     with pytest.raises(ValueError, match="is not a GGUF file"):
         convert_gguf(tmp_path / "model.gguf", tmp_path / "hf")
+    with pytest.raises(ValueError, match="is not a GGUF file"):
+        cached_checkpoint_for_gguf(tmp_path / "model.gguf")
 
 
 def test_truncated_gguf_error(tmp_path):
