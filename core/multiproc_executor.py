@@ -155,6 +155,8 @@ class MultiProcExecutor:
                 msg = self.decoder.decode(frames[1].buffer)
             except (ValueError, msgspec.DecodeError, msgspec.ValidationError, IndexError):
                 continue  # not a worker's message: drop it, keep serving
+            if not 0 <= rank < self.world_size:
+                continue
             if isinstance(msg, WorkerError):
                 if msg.fatal:
                     lost = msg.lost_rank if msg.lost_rank is not None else rank
@@ -187,7 +189,7 @@ class MultiProcExecutor:
                     )
                 except zmq.ZMQError:
                     pass
-        self.sock.close(linger=0)
+        self.sock.close(linger=1000)  # let the Shutdown messages leave
         self.ctx.term()
         self._finalizer()
 
