@@ -108,13 +108,18 @@ def _tuned_table(file_name: str) -> dict[int, dict] | None:
     return None
 
 
+def pick_config(table: dict[int, dict], T: int) -> dict:
+    """The entry of a tuned table (keyed by token count) whose key is nearest T."""
+    return table[min(table, key=lambda m: abs(m - T))]
+
+
 def get_config(T: int, E: int, N: int, K: int, top_k: int, x: torch.Tensor) -> dict:
     """Tiles for T tokens: the tuned table's entry nearest T when one exists, else a default."""
     if x.is_cuda:
         name = config_file_name(E, N, K, x.dtype, torch.cuda.get_device_name(x.device))
         table = _tuned_table(name)
         if table:
-            return table[min(table, key=lambda m: abs(m - T))]
+            return pick_config(table, T)
     per_expert = T * top_k / max(E, 1)
     return next(cfg for bound, cfg in _DEFAULT_CONFIGS if bound is None or per_expert <= bound)
 

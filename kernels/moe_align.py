@@ -61,12 +61,12 @@ def moe_align_torch(
 @triton.jit
 def _count_kernel(ids_ptr, counts_ptr, num_pairs, BLOCK: tl.constexpr):
     expert = tl.program_id(0)
-    count = tl.zeros((), tl.int32)
+    hits = tl.zeros((BLOCK,), tl.int32)
     for start in range(0, num_pairs, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         ids = tl.load(ids_ptr + offs, mask=offs < num_pairs, other=-1)
-        count += tl.sum((ids == expert).to(tl.int32), axis=0)
-    tl.store(counts_ptr + expert, count)
+        hits += (ids == expert).to(tl.int32)
+    tl.store(counts_ptr + expert, tl.sum(hits, axis=0))
 
 
 @triton.jit
