@@ -18,18 +18,26 @@ from titanserve.kernels.lse_merge import lse_merge_torch
 _cpu_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
 
+def dense_attention_with_lse(q, k, v, causal: bool, scale: float):
+    """Attention with lse by plain math (for the torch backend on GPU, where SDPA returns no
+    lse); q (Tq, Hq, D), k/v (Tk, Hk, D), causal top-left aligned (j <= i)."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (Tk, Hq, D)
+    s = torch.einsum("qhd,khd->hqk", q.float(), k.float()) * scale  # (Hq, Tq, Tk)
+    if causal:
+        s = s.masked_fill(torch.ones_like(s, dtype=torch.bool).triu(1), float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)  # (Hq, Tq)
+    out = torch.einsum("hqk,khd->qhd", torch.exp(s - lse[..., None]), v.float())  # (Tq, Hq, D)
+    return out.to(q.dtype), lse.t()
+
+
 def _sdpa_with_lse(q, k, v, causal: bool, scale: float):
-    """torch's flash kernel with lse; q (Tq, Hq, D), k/v (Tk, Hq, D), causal top-left aligned."""
+    """Attention with lse, causal top-left aligned: torch's CPU flash kernel (GQA included)."""
+    if q.is_cuda:
+        return dense_attention_with_lse(q, k, v, causal, scale)
     qt, kt, vt = (t.transpose(0, 1)[None] for t in (q, k, v))  # (1, H, T, D)
-    if q.is_cuda:  # only when the torch backend is forced on GPU: no lse from SDPA there
-        s = torch.einsum("hqd,hkd->hqk", qt[0].float(), kt[0].float()) * scale  # (H, Tq, Tk)
-        if causal:
-            s = s.masked_fill(torch.ones_like(s, dtype=torch.bool).triu(1), float("-inf"))
-        lse = torch.logsumexp(s, dim=-1)  # (H, Tq)
-        out = torch.einsum("hqk,hkd->qhd", torch.exp(s - lse[..., None]), vt[0].float())
-        return out.to(q.dtype), lse.t()
-    out, lse = _cpu_flash(qt, kt, vt, 0.0, causal, scale=scale)  # (1, H, Tq, D), (1, H, Tq)
-    return out[0].transpose(0, 1), lse[0].t()  # (Tq, H, D), (Tq, H)
+    out, lse = _cpu_flash(qt, kt, vt, 0.0, causal, scale=scale)  # (1, Hq, Tq, D), (1, Hq, Tq)
+    return out[0].transpose(0, 1), lse[0].t()  # (Tq, Hq, D), (Tq, Hq)
 
 
 def flash_attn_fwd_torch(
@@ -53,9 +61,6 @@ def flash_attn_fwd_torch(
     first = max(0, -q_offset) if causal else 0  # queries before `first` see no key
     if Tk == 0 or first >= Tq:
         return out, lse
-    if Hk != Hq:
-        k = k.repeat_interleave(Hq // Hk, dim=1)  # (Tk, Hq, D)
-        v = v.repeat_interleave(Hq // Hk, dim=1)  # (Tk, Hq, D)
     qs = q[first:]  # (Tq', Hq, D), query i' = i - first sees keys j <= i' + max(q_offset, 0)
     offset = max(q_offset, 0)
     if not causal or offset >= Tk:
@@ -69,7 +74,6 @@ def flash_attn_fwd_torch(
     out[first:] = o
     lse[first:] = lse_part
     return out, lse
-
 
 
 LOG2E = 1.4426950408889634

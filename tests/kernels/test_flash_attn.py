@@ -7,7 +7,11 @@ import pytest
 import torch
 
 from titanserve.kernels import forced_backend, ops
-from titanserve.kernels.flash_attn import flash_attn_fwd_torch, flash_attn_fwd_triton
+from titanserve.kernels.flash_attn import (
+    dense_attention_with_lse,
+    flash_attn_fwd_torch,
+    flash_attn_fwd_triton,
+)
 from titanserve.kernels.launch import interpreting
 
 interp = pytest.mark.skipif(not interpreting(), reason="Triton is compiling (GPU): see gpu tests")
@@ -65,6 +69,14 @@ def test_torch_matches_loop(Tq, Tk, Hq, Hk, D, causal, q_offset):
     got = flash_attn_fwd_torch(q, k, v, causal, q_offset)
     assert got[0].shape == (Tq, Hq, D) and got[1].dtype == torch.float32
     assert_attention_close(got, attention_loop(q, k, v, causal, q_offset))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_dense_fallback_matches_loop(causal):
+    """The math the torch backend uses on GPU (SDPA there returns no lse), checked on CPU."""
+    q, k, v = make_qkv(6, 9, 4, 2, 64)
+    got = dense_attention_with_lse(q, k, v, causal, 0.125)
+    assert_attention_close(got, attention_loop(q, k, v, causal, 0, scale=0.125))
 
 
 def test_torch_custom_scale_and_bf16():
