@@ -72,6 +72,9 @@ def fused_moe_torch(
     order = torch.argsort(local[pairs], stable=True)
     pairs = pairs[order]  # (P,) grouped by local expert
     counts = torch.bincount(local[pairs], minlength=E_local).tolist()
+    if len(counts) > E_local:
+        raise ValueError(f"fused_moe: topk_ids route to expert {len(counts) - 1} but only "
+                         f"{E_local} are here; pass expert_map (global -> local or -1)")
     tokens = pairs // K  # (P,)
     weights = topk_weights.reshape(-1)[pairs].float()  # (P,)
     xs = x[tokens]  # (P, H)

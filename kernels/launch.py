@@ -30,8 +30,10 @@ def require_launchable(op: str, *tensors: torch.Tensor | None) -> None:
 
 
 def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1): Triton block sizes."""
     return triton.next_power_of_2(max(1, n))
 
 
 def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for non-negative ints: grid sizes."""
     return -(-a // b)

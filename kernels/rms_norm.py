@@ -72,6 +72,7 @@ def rms_norm_triton(
         _rms_norm_kernel[(x2.shape[0],)](
             x2, r2, weight, out, s, H, x2.stride(0), r2.stride(0), eps,
             HAS_RESIDUAL=residual is not None, BLOCK_H=next_pow2(H),
+            num_warps=min(16, max(4, next_pow2(H) // 1024)),
         )
     out = out.view(x.shape)
     return (out, s.view(x.shape)) if residual is not None else out

@@ -168,6 +168,8 @@ def test_argument_errors():
         ops.fused_moe(**{**args, "w_down": args["w_down"][:, :, :8]})
     with pytest.raises(ValueError, match="dtype|share"):
         ops.fused_moe(**{**args, "x": args["x"].half()})
+    with pytest.raises(ValueError, match="expert_map"):
+        ops.fused_moe(**{**args, "topk_ids": args["topk_ids"] + 4})  # global ids, no map
 
 
 @gpu
