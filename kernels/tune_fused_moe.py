@@ -31,11 +31,20 @@ SEARCH_SPACE = {
 }
 
 
-def candidate_configs(num_tokens: int, top_k: int, num_experts: int) -> list[dict]:
+SMALL_SEARCH_SPACE = {
+    "BLOCK_M": (16, 64),
+    "BLOCK_N": (64, 128),
+    "BLOCK_K": (64,),
+    "num_warps": (4,),
+    "num_stages": (3,),
+}
+
+
+def candidate_configs(num_tokens: int, top_k: int, num_experts: int, small: bool = False):
     """The search space, without BLOCK_M far above the expected rows per expert."""
     per_expert = num_tokens * top_k / num_experts
-    keys = list(SEARCH_SPACE)
-    configs = [dict(zip(keys, values)) for values in itertools.product(*SEARCH_SPACE.values())]
+    space = SMALL_SEARCH_SPACE if small else SEARCH_SPACE
+    configs = [dict(zip(space, values)) for values in itertools.product(*space.values())]
     return [c for c in configs if c["BLOCK_M"] <= max(16, 2 * per_expert)]
 
 
@@ -50,7 +59,7 @@ def tune_one(num_tokens: int, args: argparse.Namespace, weights: tuple) -> tuple
     logits = torch.randn(num_tokens, args.num_experts, device=device)
     topk_weights, topk_ids = torch.topk(logits.softmax(-1), args.top_k, dim=-1)
     best, best_ms = None, float("inf")
-    for config in candidate_configs(num_tokens, args.top_k, args.num_experts):
+    for config in candidate_configs(num_tokens, args.top_k, args.num_experts, args.small):
         def run(config=config):
             fused_moe_triton(x, w_gate_up, w_down, topk_weights, topk_ids, config=config)
 
@@ -74,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-sizes", default=",".join(map(str, BATCH_SIZES)),
                         help="comma-separated token counts to tune for")
     parser.add_argument("--rep-ms", type=int, default=50, help="benchmark time per config")
+    parser.add_argument("--small", action="store_true", help="a small search space (quick)")
     parser.add_argument("--out", required=True, type=Path, help="JSON file to write")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():

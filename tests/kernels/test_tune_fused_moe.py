@@ -46,7 +46,8 @@ def test_candidates_skip_blocks_far_taller_than_the_rows_per_expert():
 def test_tuned_table_is_used_by_the_launcher(tmp_path, monkeypatch):
     out = tmp_path / "table.json"
     assert main(["--num-experts", "4", "--hidden", "256", "--intermediate", "128",
-                 "--top-k", "2", "--batch-sizes", "1,64", "--rep-ms", "5", "--out", str(out)]) == 0
+                 "--top-k", "2", "--batch-sizes", "1,64", "--rep-ms", "5", "--small",
+                 "--out", str(out)]) == 0
     table = json.loads(out.read_text())
     assert set(table) == {"1", "64"}
     name = fused_moe_mod.config_file_name(4, 128, 256, torch.bfloat16, torch.cuda.get_device_name())
