@@ -1,0 +1,355 @@
+"""Scheduler policy, driven with fake sampled tokens (no model): token budgets, max_num_seqs,
+chunked prefill, decodes first, prefix-cache hits, preemption by recompute, placement, and
+no block leaks over a long random run."""
+
+from __future__ import annotations
+
+import random
+
+from titanserve.core.block_manager import BlockManager
+from titanserve.core.request import Request, RequestStatus
+from titanserve.core.sampling_params import SamplingParams
+from titanserve.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+
+
+def make_scheduler(
+    num_blocks: int = 64,
+    block_size: int = 4,
+    max_num_batched_tokens: int = 16,
+    max_num_seqs: int = 8,
+    max_model_len: int = 1024,
+    num_workers: int = 1,
+    enable_prefix_caching: bool = True,
+) -> Scheduler:
+    config = SchedulerConfig(max_num_batched_tokens, max_num_seqs, max_model_len, num_workers)
+    return Scheduler(
+        config,
+        [
+            BlockManager(num_blocks, block_size, enable_prefix_caching)
+            for _ in range(num_workers)
+        ],
+    )
+
+
+def make_request(
+    request_id: str, token_ids: list[int], max_tokens: int = 4, **sampling
+) -> Request:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, **sampling)
+    return Request(request_id, token_ids, params, eos_token_ids=(0,))
+
+
+def run_step(scheduler: Scheduler, token_id: int = 7) -> SchedulerOutput:
+    """One step, every sampling request receiving `token_id`."""
+    out = scheduler.schedule()
+    scheduler.update(out, {s.request.request_id: token_id for s in out.scheduled if s.sample})
+    return out
+
+
+def chunks(out: SchedulerOutput) -> dict[str, int]:
+    return {s.request.request_id: s.num_new_tokens for s in out.scheduled}
+
+
+class FakeKV:
+    """A worker's KV cache holding token ids instead of tensors: every plan writes its
+    tokens at its slots, then every position the step attends to must hold the right token.
+    This catches a block table that points at another request's (or an evicted) block."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.block_size = scheduler.block_managers[0].block_size
+        self.slots = [
+            [[None] * self.block_size for _ in range(bm.num_blocks)]
+            for bm in scheduler.block_managers
+        ]
+
+    def run(self, out: SchedulerOutput) -> None:
+        for worker, plan in enumerate(out.plans):
+            for seq in plan.seqs:
+                request = scheduler_request(out, seq.request_id)
+                bs, slots = self.block_size, self.slots[worker]
+                for i, token in enumerate(seq.token_ids):
+                    pos = seq.start_pos + i
+                    slots[seq.block_ids[pos // bs]][pos % bs] = token
+                context = seq.start_pos + len(seq.token_ids)
+                held = [slots[seq.block_ids[p // bs]][p % bs] for p in range(context)]
+                assert held == request.all_token_ids[:context], seq.request_id
+
+
+def scheduler_request(out: SchedulerOutput, request_id: str) -> Request:
+    return next(s.request for s in out.scheduled if s.request.request_id == request_id)
+
+
+def test_chunked_prefill_splits_a_long_prompt_into_budget_sized_chunks():
+    scheduler = make_scheduler(max_num_batched_tokens=16)
+    prompt = list(range(3, 53))  # 50 tokens
+    scheduler.add(make_request("a", prompt, max_tokens=3))
+    plans = []
+    while scheduler.has_unfinished():
+        out = run_step(scheduler)
+        plans.extend(out.plans[0].seqs)
+    assert [(p.start_pos, len(p.token_ids), p.sample) for p in plans] == [
+        (0, 16, False),
+        (16, 16, False),
+        (32, 16, False),
+        (48, 2, True),
+        (50, 1, True),
+        (51, 1, True),
+    ]
+    assert [p.token_ids for p in plans[:4]] == [prompt[:16], prompt[16:32], prompt[32:48], [51, 52]]
+    assert plans[4].token_ids == plans[5].token_ids == [7]
+    assert [len(p.block_ids) for p in plans] == [4, 8, 12, 13, 13, 13]
+    assert plans[0].new is not None and plans[0].new.num_prompt_tokens == 50
+    assert all(p.new is None for p in plans[1:])
+
+
+def test_decodes_are_scheduled_before_new_prefills():
+    scheduler = make_scheduler(max_num_batched_tokens=8)
+    scheduler.add(make_request("a", [5] * 6, max_tokens=10))
+    assert chunks(run_step(scheduler)) == {"a": 6}
+    scheduler.add(make_request("b", [6] * 20))
+    out = run_step(scheduler)
+    assert chunks(out) == {"a": 1, "b": 7}
+    assert [s.request_id for s in out.plans[0].seqs] == ["a", "b"]
+
+
+def test_running_prefill_keeps_its_budget_before_waiting_requests():
+    scheduler = make_scheduler(max_num_batched_tokens=8)
+    scheduler.add(make_request("long", [5] * 30))
+    scheduler.add(make_request("late", [6] * 4))
+    assert chunks(run_step(scheduler)) == {"long": 8}
+    assert chunks(run_step(scheduler)) == {"long": 8}
+    assert chunks(run_step(scheduler)) == {"long": 8}
+    assert chunks(run_step(scheduler)) == {"long": 6, "late": 2}
+
+
+def test_single_token_rows_lead_the_plan():
+    """NOTE in the scheduler: the runner relies on single-token rows coming first."""
+    scheduler = make_scheduler(max_num_batched_tokens=12)
+    scheduler.add(make_request("long", [5] * 14))
+    assert chunks(run_step(scheduler)) == {"long": 12}
+    scheduler.add(make_request("one", [6]))
+    out = run_step(scheduler)
+    assert [(s.request.request_id, s.num_new_tokens) for s in out.scheduled] == [
+        ("long", 2),
+        ("one", 1),
+    ]
+    assert [s.request_id for s in out.plans[0].seqs] == ["one", "long"]
+
+
+def test_budget_and_max_num_seqs_hold_on_every_worker_every_step():
+    rng = random.Random(0)
+    budget, max_seqs = 24, 3
+    scheduler = make_scheduler(
+        num_blocks=40, max_num_batched_tokens=budget, max_num_seqs=max_seqs, num_workers=2
+    )
+    for i in range(60):
+        prompt = [rng.randrange(3, 50) for _ in range(rng.randrange(1, 60))]
+        scheduler.add(make_request(f"r{i}", prompt, max_tokens=rng.randrange(1, 12)))
+    biggest_step = 0
+    while scheduler.has_unfinished():
+        out = run_step(scheduler, token_id=rng.randrange(3, 50))
+        for plan in out.plans:
+            num_tokens = sum(len(seq.token_ids) for seq in plan.seqs)
+            assert num_tokens <= budget
+            assert len(plan.seqs) <= max_seqs
+            biggest_step = max(biggest_step, num_tokens)
+        for worker in range(2):
+            assert sum(r.worker == worker for r in scheduler.running) <= max_seqs
+    assert biggest_step == budget
+
+
+def test_prefix_hit_computes_only_the_uncached_tail():
+    scheduler = make_scheduler(block_size=4, max_num_batched_tokens=64)
+    prompt = list(range(3, 13))  # 10 tokens: 2 full blocks
+    scheduler.add(make_request("a", prompt))
+    a = scheduler.requests["a"]
+    run_step(scheduler)
+    scheduler.add(make_request("b", prompt[:8] + [60, 61, 62]))
+    scheduler.add(make_request("c", prompt[:8]))
+    out = run_step(scheduler)
+    seqs = {seq.request_id: seq for seq in out.plans[0].seqs}
+    assert (seqs["b"].start_pos, seqs["b"].token_ids) == (8, [60, 61, 62])
+    assert seqs["b"].block_ids[:2] == a.block_ids[:2]
+    # c is all cached blocks: its last block is computed again to produce a token
+    assert (seqs["c"].start_pos, seqs["c"].token_ids) == (4, prompt[4:8])
+    assert seqs["c"].block_ids[0] == a.block_ids[0]
+
+
+def test_prompt_logits_request_never_takes_cached_blocks():
+    scheduler = make_scheduler(block_size=4, max_num_batched_tokens=64)
+    prompt = list(range(3, 13))
+    scheduler.add(make_request("a", prompt))
+    run_step(scheduler)
+    scheduler.add(make_request("b", prompt, return_prompt_logits=True))
+    out = run_step(scheduler)
+    (seq,) = [s for s in out.plans[0].seqs if s.request_id == "b"]
+    assert (seq.start_pos, seq.token_ids) == (0, prompt)
+
+
+def test_preemption_keeps_generated_tokens_and_recomputes_them():
+    # 4 blocks of 4 tokens: two requests of 6 prompt tokens fill the cache at 8 tokens each.
+    scheduler = make_scheduler(
+        num_blocks=4, block_size=4, max_num_batched_tokens=16, enable_prefix_caching=False
+    )
+    scheduler.add(make_request("a", [5] * 6, max_tokens=10))
+    scheduler.add(make_request("b", [6] * 6, max_tokens=6, repetition_penalty=1.2))
+    a, b = scheduler.requests["a"], scheduler.requests["b"]
+    for token in (10, 11, 12):
+        assert run_step(scheduler, token).preempted == []
+    assert a.num_tokens == b.num_tokens == 9
+    out = run_step(scheduler, 13)  # a needs a third block: b (the newest) is preempted
+    assert out.preempted == [b]
+    assert chunks(out) == {"a": 1}
+    assert b.status == RequestStatus.WAITING
+    assert (b.num_computed_tokens, b.block_ids, b.worker) == (0, [], None)
+    assert b.output_token_ids == [10, 11, 12]
+    assert b.num_preemptions == 1
+    assert out.plans[0].finished_ids == ["b"]  # the worker drops b's sampling state
+    while "a" in scheduler.requests:
+        out = run_step(scheduler, 14)
+        assert "b" not in chunks(out)
+    assert a.output_token_ids == [10, 11, 12, 13] + [14] * 6
+    out = run_step(scheduler, 20)
+    (seq,) = out.plans[0].seqs
+    assert (seq.start_pos, seq.token_ids, seq.sample) == (0, [6] * 6 + [10, 11, 12], True)
+    assert seq.new.num_prompt_tokens == 6
+    assert seq.new.history_token_ids == [6] * 6 + [10, 11, 12]
+    while scheduler.has_unfinished():
+        run_step(scheduler, 21)
+    assert b.output_token_ids == [10, 11, 12, 20, 21, 21]
+    assert b.finish_reason == "length"
+
+
+def test_placement_prefers_longest_cached_prefix_else_least_loaded():
+    scheduler = make_scheduler(block_size=4, max_num_batched_tokens=64, num_workers=2)
+    shared = list(range(3, 11))
+    scheduler.add(make_request("a", shared + [40, 41], max_tokens=20))
+    scheduler.add(make_request("b", [50] * 14, max_tokens=20))
+    run_step(scheduler)
+    assert (scheduler.requests["a"].worker, scheduler.requests["b"].worker) == (0, 1)
+    scheduler.add(make_request("x", [60] * 5, max_tokens=20))  # tie on load: lower usage wins
+    run_step(scheduler)
+    assert scheduler.requests["x"].worker == 0
+    scheduler.add(make_request("c", shared + [70]))  # cached on worker 0, the busier one
+    scheduler.add(make_request("d", [80] * 5))  # no prefix anywhere: least loaded
+    out = run_step(scheduler)
+    assert (scheduler.requests["c"].worker, scheduler.requests["d"].worker) == (0, 1)
+    (c_seq,) = [s for s in out.plans[0].seqs if s.request_id == "c"]
+    assert c_seq.start_pos == 8
+
+
+def test_placement_skips_a_worker_at_max_num_seqs_even_with_a_cached_prefix():
+    scheduler = make_scheduler(
+        block_size=4, max_num_batched_tokens=64, max_num_seqs=1, num_workers=2
+    )
+    shared = list(range(3, 11))
+    scheduler.add(make_request("a", shared + [40], max_tokens=20))
+    run_step(scheduler)
+    scheduler.add(make_request("c", shared + [70]))
+    out = run_step(scheduler)
+    assert scheduler.requests["c"].worker == 1
+    assert out.plans[1].seqs[0].start_pos == 0
+
+
+def test_abort_releases_blocks_and_tells_the_worker():
+    scheduler = make_scheduler(num_blocks=8, block_size=4, enable_prefix_caching=False)
+    scheduler.add(make_request("a", [5] * 10, max_tokens=20))
+    run_step(scheduler)
+    request = scheduler.requests["a"]
+    scheduler.finish(request, "abort")
+    assert (request.finish_reason, request.block_ids) == ("abort", [])
+    assert scheduler.block_managers[0].num_free_blocks == 8
+    assert scheduler.schedule().plans[0].finished_ids == ["a"]
+
+
+def test_request_aborted_while_its_step_ran_is_left_alone():
+    scheduler = make_scheduler()
+    scheduler.add(make_request("a", [5] * 6))
+    out = scheduler.schedule()
+    request = scheduler.requests["a"]
+    scheduler.finish(request, "abort")
+    assert scheduler.update(out, {"a": 9}) == []
+    assert (request.num_computed_tokens, request.output_token_ids) == (0, [])
+
+
+def test_token_level_finish_reasons():
+    scheduler = make_scheduler(max_num_batched_tokens=64, max_model_len=12)
+    scheduler.add(make_request("eos", [5] * 4, max_tokens=8))
+    scheduler.add(make_request("ignore", [5] * 4, max_tokens=3, ignore_eos=True))
+    scheduler.add(make_request("stop_id", [5] * 4, max_tokens=8, stop_token_ids=[9]))
+    scheduler.add(make_request("context", [5] * 10, max_tokens=8, ignore_eos=True))
+    requests = dict(scheduler.requests)
+    run_step(scheduler, 9)
+    run_step(scheduler, 0)
+    while scheduler.has_unfinished():
+        run_step(scheduler, 8)
+    reasons = {rid: (r.finish_reason, r.output_token_ids) for rid, r in requests.items()}
+    assert reasons == {
+        "eos": ("stop", [9, 0]),
+        "ignore": ("length", [9, 0, 8]),
+        "stop_id": ("stop", [9]),
+        "context": ("length", [9, 0]),  # 10 + 2 tokens fill max_model_len
+    }
+
+
+def test_no_block_leaks_after_1000_random_requests():
+    """Random prompts over a few shared prefixes, random lengths, eos and aborts, on a cache
+    small enough to preempt often. Every block is free with ref count 0 at the end, and the
+    fake KV always holds each request's own tokens."""
+    rng = random.Random(1234)
+    block_size, num_blocks = 4, 24
+    scheduler = make_scheduler(
+        num_blocks=num_blocks,
+        block_size=block_size,
+        max_num_batched_tokens=32,
+        max_num_seqs=6,
+        max_model_len=num_blocks * block_size,
+        num_workers=2,
+    )
+    kv = FakeKV(scheduler)
+    prefixes = [[rng.randrange(3, 20) for _ in range(n)] for n in (4, 9, 13)]
+    num_added = num_preempted = num_aborted = num_cache_hits = num_steps = 0
+    while num_added < 1000 or scheduler.has_unfinished():
+        num_steps += 1
+        assert num_steps < 50_000, "the scheduler stopped making progress"
+        for _ in range(rng.randrange(0, 3) if num_added < 1000 else 0):
+            prefix = rng.choice(prefixes) if rng.random() < 0.6 else []
+            prompt = prefix + [rng.randrange(3, 20) for _ in range(rng.randrange(1, 30))]
+            max_tokens = rng.randrange(1, num_blocks * block_size - len(prompt))
+            scheduler.add(make_request(f"r{num_added}", prompt, max_tokens=max_tokens))
+            num_added += 1
+        out = scheduler.schedule()
+        kv.run(out)
+        for plan in out.plans:
+            sizes = [len(seq.token_ids) for seq in plan.seqs]
+            assert sizes == sorted(sizes, key=lambda n: n != 1)  # single-token rows first
+            assert sum(sizes) <= 32
+        num_preempted += len(out.preempted)
+        num_cache_hits += sum(
+            seq.start_pos > 0 and seq.new is not None for plan in out.plans for seq in plan.seqs
+        )
+        sampled = {s.request.request_id: rng.choice([0, *range(3, 20)]) for s in out.scheduled}
+        scheduler.update(out, sampled)
+        if scheduler.running and rng.random() < 0.05:
+            scheduler.finish(rng.choice(scheduler.running), "abort")
+            num_aborted += 1
+        assert_block_accounting(scheduler)
+    assert num_preempted > 50 and num_aborted > 50 and num_cache_hits > 50
+    for block_manager in scheduler.block_managers:
+        assert block_manager.ref_counts == [0] * num_blocks
+        assert block_manager.num_free_blocks == num_blocks
+    assert scheduler.running == [] and not scheduler.waiting and scheduler.requests == {}
+
+
+def assert_block_accounting(scheduler: Scheduler) -> None:
+    """Ref counts equal the table entries that point at each block; free means ref 0."""
+    for worker, block_manager in enumerate(scheduler.block_managers):
+        expected = [0] * block_manager.num_blocks
+        for request in scheduler.running:
+            if request.worker == worker:
+                for block in request.block_ids:
+                    expected[block] += 1
+        assert block_manager.ref_counts == expected
+        free = {b for b in range(block_manager.num_blocks) if expected[b] == 0}
+        assert set(block_manager.free_blocks) == free
+    for request in scheduler.waiting:
+        assert (request.block_ids, request.num_computed_tokens) == ([], 0)
