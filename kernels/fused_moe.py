@@ -64,7 +64,6 @@ def fused_moe_torch(
     E_local, two_i, _ = w_gate_up.shape
     inter = two_i // 2
     K = topk_ids.shape[1]
-    out = torch.zeros(T, H, dtype=torch.float32, device=x.device)  # (T, H)
     local = topk_ids.reshape(-1).long()  # (T*K,)
     if expert_map is not None:
         local = expert_map.to(x.device).long()[local]
@@ -78,6 +77,7 @@ def fused_moe_torch(
     tokens = pairs // K  # (P,)
     weights = topk_weights.reshape(-1)[pairs].float()  # (P,)
     xs = x[tokens]  # (P, H)
+    ys = torch.empty(len(pairs), H, dtype=torch.float32, device=x.device)  # (P, H)
     start = 0
     for e, n in enumerate(counts):
         if n == 0:
@@ -91,8 +91,11 @@ def fused_moe_torch(
         y = (a.to(x.dtype) @ w_down[e].t()).float()  # (n, H)
         if down_bias is not None:
             y = y + down_bias[e].float()
-        out.index_add_(0, tokens[rows], y * weights[rows, None])
-    return out.to(x.dtype)
+        ys[rows] = y * weights[rows, None]
+    # Each (token, k) pair owns one row: scatter without accumulation, then sum over k.
+    per_pair = torch.zeros(T * K, H, dtype=torch.float32, device=x.device)  # (T*K, H)
+    per_pair[pairs] = ys
+    return per_pair.view(T, K, H).sum(dim=1).to(x.dtype)  # (T, H)
 
 
 
