@@ -91,12 +91,14 @@ class Sampler:
         if any(k < logits.shape[1] for k in top_ks) or any(p < 1.0 for p in top_ps):
             sorted_logits, order = logits.sort(dim=-1, descending=True)  # (Nr, V)
             ranks = torch.arange(logits.shape[1]).unsqueeze(0)
-            remove = ranks >= torch.tensor(top_ks).unsqueeze(1)
-            cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-            # keep the smallest prefix whose mass reaches top_p (the first token always stays)
-            remove |= (cumulative - sorted_logits.softmax(dim=-1)) >= torch.tensor(
-                top_ps
-            ).unsqueeze(1)
+            sorted_logits = sorted_logits.masked_fill(
+                ranks >= torch.tensor(top_ks).unsqueeze(1), float("-inf")
+            )
+            # top-p measures the mass left by top-k (as vLLM and HF do): keep the smallest
+            # prefix whose mass reaches top_p (the first token always stays)
+            sorted_probs = sorted_logits.softmax(dim=-1)  # (Nr, V)
+            mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+            remove = mass_before >= torch.tensor(top_ps).unsqueeze(1)
             sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
             logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
         probs = logits.softmax(dim=-1)

@@ -1,0 +1,153 @@
+"""Sampler: greedy, temperature, top-k/top-p/min-p sets, penalties, seeds, logprobs."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+
+from titanserve.core.sampler import Sampler, SamplingState
+from titanserve.core.sampling_params import SamplingParams
+
+# A hand-made distribution over 6 tokens, in shuffled order.
+# By probability: 1 (.40), 3 (.25), 5 (.15), 0 (.10), 4 (.06), 2 (.04).
+PROBS = [0.10, 0.40, 0.04, 0.25, 0.06, 0.15]
+LOGITS = torch.tensor(PROBS).log()  # (V,)
+
+
+def make_state(history: list[int] = (), num_prompt_tokens: int = 0, **params) -> SamplingState:
+    return SamplingState(SamplingParams(**params), num_prompt_tokens, list(history))
+
+
+def sample_seeds(num_seeds: int, logits: torch.Tensor = LOGITS, **params) -> Counter:
+    """Tokens drawn for one logits row under seeds 0..num_seeds-1 (one batch of rows)."""
+    states = [make_state(seed=seed, **params) for seed in range(num_seeds)]
+    out = Sampler()(logits.expand(num_seeds, -1).clone(), states, [0] * num_seeds)
+    return Counter(out.token_ids)
+
+
+def test_greedy_takes_the_argmax_of_every_row():
+    logits = torch.tensor([[0.1, 0.7, 0.2], [3.0, -1.0, 2.9], [-5.0, -4.0, -4.5]])
+    states = [make_state(temperature=0.0, seed=s) for s in range(3)]
+    assert Sampler()(logits, states, [0, 0, 0]).token_ids == [1, 0, 1]
+
+
+def test_temperature_samples_follow_the_scaled_softmax():
+    temperature, num_seeds = 0.7, 4000
+    counts = sample_seeds(num_seeds, temperature=temperature)
+    expected = (LOGITS / temperature).softmax(dim=-1)
+    for token in range(len(PROBS)):
+        assert abs(counts[token] / num_seeds - expected[token].item()) < 0.03, token
+
+
+@pytest.mark.parametrize(
+    ("params", "kept"),
+    [
+        (dict(top_k=1), {1}),
+        (dict(top_k=2), {1, 3}),
+        (dict(top_k=3), {1, 3, 5}),
+        (dict(top_k=-1), {0, 1, 2, 3, 4, 5}),
+        (dict(top_k=6), {0, 1, 2, 3, 4, 5}),
+        (dict(top_p=0.3), {1}),
+        (dict(top_p=0.5), {1, 3}),
+        (dict(top_p=0.75), {1, 3, 5}),
+        (dict(top_p=0.85), {0, 1, 3, 5}),
+        (dict(top_p=0.92), {0, 1, 3, 4, 5}),
+        (dict(min_p=0.5), {1, 3}),  # keeps p >= 0.20
+        (dict(min_p=0.3), {1, 3, 5}),  # keeps p >= 0.12
+        (dict(min_p=0.2), {0, 1, 3, 5}),  # keeps p >= 0.08
+        # temperature comes first: at T=0.5 the top two hold 0.855 of the mass
+        (dict(top_p=0.75, temperature=0.5), {1, 3}),
+        # top-p measures the mass left by top-k (1: .615, 3: .385), as vLLM and HF do
+        (dict(top_k=2, top_p=0.55), {1}),
+        (dict(top_k=4, min_p=0.3), {1, 3, 5}),
+    ],
+)
+def test_filters_keep_exactly_the_expected_tokens(params, kept):
+    """Every kept token has probability >= 0.04 here: 400 draws miss one with p < 1e-7."""
+    assert set(sample_seeds(400, **params)) == kept
+
+
+# Row [2, -1, 0.5, 3, 1, 0]; prompt [0, 1]; output so far [3, 3, 2].
+PENALTY_LOGITS = [2.0, -1.0, 0.5, 3.0, 1.0, 0.0]
+HISTORY = [0, 1, 3, 3, 2]
+
+
+@pytest.mark.parametrize(
+    ("params", "expected"),
+    [
+        # divides positive / multiplies negative logits of prompt and output tokens
+        (dict(repetition_penalty=2.0), [1.0, -2.0, 0.25, 1.5, 1.0, 0.0]),
+        # output tokens only
+        (dict(presence_penalty=0.5), [2.0, -1.0, 0.0, 2.5, 1.0, 0.0]),
+        (dict(frequency_penalty=0.25), [2.0, -1.0, 0.25, 2.5, 1.0, 0.0]),
+        (dict(presence_penalty=-1.0), [2.0, -1.0, 1.5, 4.0, 1.0, 0.0]),
+        (
+            dict(repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25),
+            [1.0, -2.0, -0.5, 0.5, 1.0, 0.0],
+        ),
+    ],
+)
+def test_penalties_exact_values(params, expected):
+    logits = torch.tensor([PENALTY_LOGITS, PENALTY_LOGITS])
+    states = [make_state(HISTORY, num_prompt_tokens=2, **params), make_state(HISTORY, 2)]
+    penalised = Sampler._apply_penalties(logits, states)
+    assert penalised[0].tolist() == expected
+    assert penalised[1].tolist() == PENALTY_LOGITS  # a row without penalties is untouched
+    assert logits[0].tolist() == PENALTY_LOGITS  # the raw logits are not modified
+
+
+def test_penalty_changes_the_greedy_choice():
+    logits = torch.tensor([[2.0, 1.9, 0.0]])
+    no_penalty = make_state([2, 0], num_prompt_tokens=1, temperature=0.0)
+    penalised = make_state([2, 0], num_prompt_tokens=1, temperature=0.0, presence_penalty=0.2)
+    assert Sampler()(logits, [no_penalty], [1]).token_ids == [0]
+    assert Sampler()(logits, [penalised], [1]).token_ids == [1]
+
+
+def test_seeded_samples_do_not_depend_on_the_batch():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 50, generator=g)  # (1, V)
+    target = make_state(temperature=0.8, top_p=0.95, seed=42)
+    alone = [Sampler(seed=0)(logits, [target], [i]).token_ids[0] for i in range(20)]
+
+    others = torch.randn(5, 50, generator=g)
+    batch_logits = torch.cat([others[:3], logits, others[3:]])  # (6, V)
+    states = [
+        make_state(temperature=1.0),  # unseeded: consumes the sampler's own generator
+        make_state(temperature=0.0),
+        make_state(temperature=0.5, seed=7, top_k=5),
+        target,
+        make_state([1, 2, 3], num_prompt_tokens=1, repetition_penalty=1.5),
+        make_state(temperature=1.2, min_p=0.1),
+    ]
+    sampler = Sampler(seed=123)
+    in_batch = [
+        sampler(batch_logits, states, [5, 0, 3, i, 1, 2]).token_ids[3] for i in range(20)
+    ]
+    assert in_batch == alone
+    assert len(set(alone)) > 3  # draws vary with the output index
+    other_seed = make_state(temperature=0.8, top_p=0.95, seed=43)
+    assert [Sampler()(logits, [other_seed], [i]).token_ids[0] for i in range(20)] != alone
+
+
+def test_logprobs_are_the_raw_log_softmax_with_exact_top_n():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 40, generator=g)  # (N, V)
+    states = [
+        make_state(temperature=0.0, logprobs=3),
+        make_state([5, 5], num_prompt_tokens=1, seed=3, logprobs=0, repetition_penalty=1.5),
+        make_state(temperature=0.0),
+    ]
+    out = Sampler()(logits, states, [0, 1, 0])
+    expected = torch.log_softmax(logits, dim=-1)  # (N, V)
+    values, ids = expected[0].topk(3)
+    assert out.token_ids[0] == ids[0].item()
+    assert [token for token, _ in out.top_logprobs[0]] == ids.tolist()
+    assert [v for _, v in out.top_logprobs[0]] == pytest.approx(values.tolist(), abs=1e-6)
+    assert out.logprobs[0] == pytest.approx(values[0].item(), abs=1e-6)
+    # penalties shape the choice, not the reported logprob (vLLM's raw logprobs)
+    assert out.logprobs[1] == pytest.approx(expected[1, out.token_ids[1]].item(), abs=1e-6)
+    assert out.top_logprobs[1] == []
+    assert (out.logprobs[2], out.top_logprobs[2]) == (None, [])
