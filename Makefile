@@ -20,10 +20,10 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow and not gpu" $(PYTEST_ARGS)
+	$(BIN)/pytest -q -m "not slow and not gpu" $(PYTEST_ARGS)
 
 test-all: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not gpu" $(PYTEST_ARGS)
+	$(BIN)/pytest -q -m "not gpu" $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(BIN)/python -m titanserve.launcher.demo
