@@ -113,12 +113,21 @@ class Engine:
                 f"prompt has {len(token_ids)} tokens; the context holds {self.max_model_len} "
                 "(prompt + at least one generated token)"
             )
+        # NOTE: until long prompts are sharded across workers, one worker's cache holds all.
+        capacity = self.num_blocks * self.config.block_size
+        if len(token_ids) > capacity:
+            raise InvalidRequest(
+                f"prompt has {len(token_ids)} tokens; the KV cache holds {capacity} per worker: "
+                "raise --kv-cache-memory or --num-kv-blocks"
+            )
         if not isinstance(sampling, SamplingParams):
             raise InvalidRequest("sampling_params must be a SamplingParams")
 
     def add_request(
         self, prompt: str | list[int], sampling: SamplingParams, request_id: str | None = None
     ) -> str:
+        if self.executor is None:
+            raise InvalidRequest("the engine is shut down: create a new LLM to generate again")
         token_ids = self.tokenize(prompt)
         self.validate(token_ids, sampling)
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
@@ -204,12 +213,14 @@ class Engine:
         if tracker.detokenizer is not None:
             tracker.detokenizer.push(token_id)
             text = tracker.detokenizer.text
-            if reason is None and request.sampling.stop:
+            # NOTE: a stop string completed by the last token max_tokens allows still cuts
+            # the text and wins over "length" (as in vLLM); eos and stop ids end it first.
+            if reason in (None, "length") and request.sampling.stop:
                 stop_at = _find_stop(text, request.sampling.stop, out.text)
                 if stop_at is not None:
                     text = text[:stop_at]
                     tracker.detokenizer.text = text
-                    self.scheduler.finish(request, "stop")
+                    self.scheduler.finish(request, "stop")  # no-op if finished by length
                     reason = "stop"
             out.text = text
         finished = reason is not None

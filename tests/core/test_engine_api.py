@@ -1,0 +1,277 @@
+"""The offline LLM API end to end on a tiny qwen3: stop rules, finish reasons, seeded
+sampling across batches, prefix caching and preemption invariance, input validation."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from titanserve import LLM, SamplingParams
+from titanserve.core.errors import InvalidRequest
+
+FAMILY = "qwen3"
+
+
+def make_llm(path: Path, **kwargs) -> LLM:
+    return LLM(str(path), **{"dtype": "float32", "progress": False, **kwargs})
+
+
+def greedy(max_tokens: int = 24, **kwargs) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **kwargs)
+
+
+def record_plans(llm: LLM) -> list:
+    """Spy on the executor: every SeqPlan the scheduler sends from now on."""
+    seqs, execute = [], llm.engine.executor.execute
+
+    def recording(plans):
+        seqs.extend(seq for plan in plans for seq in plan.seqs)
+        return execute(plans)
+
+    llm.engine.executor.execute = recording
+    return seqs
+
+
+def text_after_each_token(llm: LLM, prompt: list[int], params: SamplingParams) -> list[str]:
+    """The request's visible text after 1, 2, ... tokens (no stop strings: nothing held)."""
+    texts, text = [], ""
+    for delta in llm.stream([prompt], params):
+        text += delta.new_text
+        texts.append(text)
+    return texts
+
+
+def test_stop_string_cuts_the_text_in_outputs_and_streams(tiny_model, random_prompts):
+    (prompt,) = random_prompts([12], seed=3)
+    with make_llm(tiny_model(FAMILY)) as llm:
+        (ref,) = llm.generate([prompt], greedy())
+        start = len(ref.text) // 3
+        stop = ref.text[start : start + 3]
+        cut = ref.text.index(stop)
+        (out,) = llm.generate([prompt], greedy(stop=[stop]))
+        deltas = list(llm.stream([prompt], greedy(stop=[stop, "never seen"])))
+    assert (out.text, out.finish_reason) == (ref.text[:cut], "stop")
+    assert out.token_ids == ref.token_ids[: len(out.token_ids)]
+    assert len(out.token_ids) < 24
+    assert "".join(d.new_text for d in deltas) == ref.text[:cut]
+    assert [d.finished for d in deltas] == [False] * (len(deltas) - 1) + [True]
+    assert deltas[-1].finish_reason == "stop"
+
+
+def test_stop_string_completed_by_the_last_allowed_token_still_stops(tiny_model, random_prompts):
+    """vLLM checks stop strings after max_tokens too: the string never reaches the text."""
+    (prompt,) = random_prompts([12], seed=3)
+    with make_llm(tiny_model(FAMILY)) as llm:
+        texts = text_after_each_token(llm, prompt, greedy())
+        # the first token after the 4th that adds two or more characters
+        n = next(i + 1 for i in range(4, len(texts)) if len(texts[i]) >= len(texts[i - 1]) + 2)
+        stop = texts[n - 1][-2:]
+        cut = texts[n - 1].index(stop)
+        (out,) = llm.generate([prompt], greedy(max_tokens=n, stop=[stop]))
+    assert cut > len(texts[n - 2]) - 2  # the stop string only appears with token n
+    assert (out.text, out.finish_reason, len(out.token_ids)) == (texts[n - 1][:cut], "stop", n)
+
+
+def test_stream_deltas_add_up_to_the_final_text(tiny_model, random_prompts):
+    prompts = random_prompts([7, 19], seed=4)
+    with make_llm(tiny_model(FAMILY)) as llm:
+        refs = llm.generate(prompts, greedy())
+        streamed = {}
+        for delta in llm.stream(prompts, greedy()):
+            streamed[delta.request_id] = streamed.get(delta.request_id, "") + delta.new_text
+    assert sorted(streamed.values()) == sorted(ref.text for ref in refs)
+
+
+def test_stop_token_ids_end_generation_at_the_first_one(tiny_model, random_prompts):
+    (prompt,) = random_prompts([9], seed=5)
+    with make_llm(tiny_model(FAMILY)) as llm:
+        (ref,) = llm.generate([prompt], greedy())
+        stop_id = ref.token_ids[6]
+        k = ref.token_ids.index(stop_id)
+        (out,) = llm.generate([prompt], greedy(stop_token_ids=[stop_id]))
+    assert (out.token_ids, out.finish_reason) == (ref.token_ids[: k + 1], "stop")
+
+
+def test_max_tokens_finishes_with_length(tiny_model, random_prompts):
+    (prompt,) = random_prompts([9], seed=5)
+    with make_llm(tiny_model(FAMILY)) as llm:
+        (out,) = llm.generate([prompt], greedy(max_tokens=5))
+    assert (len(out.token_ids), out.finish_reason) == (5, "length")
+
+
+def test_eos_stops_generation_unless_ignore_eos(tiny_model, random_prompts, tmp_path):
+    """A copy of the checkpoint whose config names a token the model emits as its eos."""
+    (prompt,) = random_prompts([9], seed=5)
+    with make_llm(tiny_model(FAMILY)) as llm:
+        (ref,) = llm.generate([prompt], greedy(max_tokens=16))
+    eos_id = ref.token_ids[5]
+    path = shutil.copytree(tiny_model(FAMILY), tmp_path / "model")
+    config = json.loads((path / "config.json").read_text())
+    config["eos_token_id"] = [eos_id]
+    (path / "config.json").write_text(json.dumps(config))
+    tokenizer_eos = 2  # <|im_end|>, from tokenizer_config.json
+    k = next(i for i, t in enumerate(ref.token_ids) if t in (eos_id, tokenizer_eos))
+    sampling = dict(max_tokens=16, temperature=0.0)
+    with make_llm(path) as llm:
+        stopped, ignored = llm.generate(
+            [prompt, prompt],
+            [SamplingParams(**sampling), SamplingParams(**sampling, ignore_eos=True)],
+        )
+    assert (stopped.token_ids, stopped.finish_reason) == (ref.token_ids[: k + 1], "stop")
+    assert (ignored.token_ids, ignored.finish_reason) == (ref.token_ids, "length")
+
+
+def test_seeded_sampling_is_the_same_in_any_batch_and_engine(tiny_model, random_prompts):
+    prompt, *others = random_prompts([10, 4, 30, 17, 8], seed=6)
+    seeded = lambda seed: SamplingParams(  # noqa: E731
+        max_tokens=12, temperature=1.0, top_p=0.9, seed=seed, ignore_eos=True
+    )
+    other_params = [
+        SamplingParams(max_tokens=5, temperature=1.0, ignore_eos=True),
+        greedy(max_tokens=20),
+        SamplingParams(max_tokens=9, temperature=0.7, seed=3, ignore_eos=True),
+        SamplingParams(max_tokens=15, temperature=1.3, presence_penalty=1.0, ignore_eos=True),
+    ]
+    with make_llm(tiny_model(FAMILY), seed=0) as llm:
+        reference, other_seed = llm.generate([prompt, prompt], [seeded(11), seeded(12)])
+    with make_llm(tiny_model(FAMILY), seed=7, max_num_batched_tokens=16) as llm:
+        batch = llm.generate(
+            [*others[:2], prompt, *others[2:]], [*other_params[:2], seeded(11), *other_params[2:]]
+        )
+    assert batch[2].token_ids == reference.token_ids
+    assert other_seed.token_ids != reference.token_ids
+
+
+def test_prefix_caching_on_and_off_give_the_same_greedy_output(tiny_model, random_prompts):
+    shared, *suffixes = random_prompts([40, 3, 9, 17, 1, 25], seed=8)
+    prompts = [shared + suffix for suffix in suffixes]
+    results = {}
+    for caching in (True, False):
+        with make_llm(tiny_model(FAMILY), enable_prefix_caching=caching) as llm:
+            seqs = record_plans(llm)
+            first = llm.generate(prompts[:1], greedy(return_logits=True))
+            results[caching] = first + llm.generate(prompts[1:], greedy(return_logits=True))
+        first_chunks = {seq.start_pos for seq in seqs if seq.new is not None}
+        assert first_chunks == ({0, 32} if caching else {0})  # 2 blocks of 16 reused
+    for on, off in zip(results[True], results[False]):
+        assert on.token_ids == off.token_ids
+        assert (on.logits - off.logits).abs().max().item() <= 1e-5
+
+
+def test_preemption_gives_the_same_greedy_output(tiny_model, random_prompts):
+    prompts = random_prompts([5, 20, 11, 16, 8, 14], seed=9)
+    with make_llm(tiny_model(FAMILY)) as llm:
+        refs = llm.generate(prompts, greedy(max_tokens=16, return_logits=True))
+    # 16 blocks of 4 tokens; each request grows to <= 36 tokens (9 blocks).
+    with make_llm(
+        tiny_model(FAMILY), block_size=4, num_kv_blocks=16, max_num_batched_tokens=16
+    ) as llm:
+        outs = llm.generate(prompts, greedy(max_tokens=16, return_logits=True))
+    assert sum(out.num_preemptions for out in outs) > 0
+    for out, ref in zip(outs, refs):
+        assert out.token_ids == ref.token_ids
+        assert (out.logits - ref.logits).abs().max().item() <= 1e-5
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("prompt", "message"),
+    [
+        ([], "prompt is empty"),
+        ("", "prompt is empty"),
+        ([5, 384, 7], "token id 384 is outside the vocabulary [0, 384)"),
+        ([5, -1], "token id -1 is outside the vocabulary [0, 384)"),
+        ([5] * 64, "prompt has 64 tokens; the context holds 64"),
+    ],
+    ids=["empty-ids", "empty-text", "id-too-big", "id-negative", "too-long"],
+)
+def test_bad_prompt_is_refused_and_the_engine_serves_on(
+    tiny_model, random_prompts, prompt, message
+):
+    (good,) = random_prompts([10], seed=10)
+    with make_llm(tiny_model(FAMILY), max_model_len=64) as llm:
+        (ref,) = llm.generate([good], greedy())
+        with pytest.raises(InvalidRequest) as excinfo:
+            llm.generate([good, prompt], greedy())
+        assert message in str(excinfo.value)
+        assert "\n" not in str(excinfo.value)
+        assert not llm.engine.has_unfinished()  # the good prompt of that call was not queued
+        (again,) = llm.generate([good], greedy())
+        (longest,) = llm.generate([[5] * 63], greedy(max_tokens=1))
+    assert again.token_ids == ref.token_ids
+    assert longest.finish_reason == "length"
+
+
+def test_prompt_larger_than_the_kv_cache_is_refused_up_front(tiny_model, random_prompts):
+    good, too_long = random_prompts([10, 65], seed=12)
+    with make_llm(tiny_model(FAMILY), block_size=4, num_kv_blocks=16) as llm:  # 64 slots
+        with pytest.raises(InvalidRequest, match="prompt has 65 tokens; the KV cache holds 64"):
+            llm.generate([good, too_long], greedy(max_tokens=4))
+        assert not llm.engine.has_unfinished()
+        (out,) = llm.generate([good], greedy(max_tokens=4))
+    assert (len(out.token_ids), out.finish_reason) == (4, "length")
+
+
+def test_bad_request_leaves_requests_in_flight_alone(tiny_model, random_prompts):
+    (good,) = random_prompts([10], seed=10)
+    with make_llm(tiny_model(FAMILY)) as llm:
+        (ref,) = llm.generate([good], greedy())
+        engine = llm.engine
+        rid = engine.add_request(good, greedy())
+        out = engine.get_output(rid)
+        engine.step()
+        with pytest.raises(InvalidRequest, match="prompt is empty"):
+            engine.add_request([], greedy())
+        with pytest.raises(InvalidRequest, match="already in use"):
+            engine.add_request(good, greedy(), request_id=rid)
+        while engine.has_unfinished():
+            engine.step()
+    assert (out.token_ids, out.finish_reason) == (ref.token_ids, "length")
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        (dict(max_tokens=0), "max_tokens must be >= 1, got 0"),
+        (dict(temperature=-0.5), "temperature must be >= 0, got -0.5"),
+        (dict(top_p=0.0), "top_p must be in (0, 1]"),
+        (dict(stop=[""]), "stop strings must not be empty"),
+    ],
+)
+def test_bad_sampling_params_are_refused_with_one_line(params, message):
+    with pytest.raises(InvalidRequest) as excinfo:
+        SamplingParams(**params)
+    assert message in str(excinfo.value)
+    assert "\n" not in str(excinfo.value)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (dict(dtype="float8"), "unknown dtype 'float8'"),
+        (dict(block_size=0), "block_size must be >= 1, got 0"),
+        (dict(max_model_len=4096), "max_model_len 4096 exceeds the model's context (1024)"),
+        (dict(no_such_option=1), "unknown engine option(s): no_such_option"),
+    ],
+)
+def test_bad_engine_options_are_refused_with_one_line(tiny_model, options, message):
+    with pytest.raises(ValueError) as excinfo:
+        make_llm(tiny_model(FAMILY), **options)
+    assert message in str(excinfo.value)
+    assert "\n" not in str(excinfo.value)
+
+
+def test_context_manager_shuts_the_engine_down(tiny_model, random_prompts):
+    (prompt,) = random_prompts([6], seed=11)
+    with make_llm(tiny_model(FAMILY)) as llm:
+        (out,) = llm.generate([prompt], greedy(max_tokens=3))
+        assert llm.engine.executor is not None
+    assert len(out.token_ids) == 3
+    assert llm.engine.executor is None
+    with pytest.raises(InvalidRequest, match="the engine is shut down"):
+        llm.generate([prompt], greedy(max_tokens=3))
