@@ -158,7 +158,7 @@ def test_prefix_caching_on_and_off_give_the_same_greedy_output(tiny_model, rando
         assert first_chunks == ({0, 32} if caching else {0})  # 2 blocks of 16 reused
     for on, off in zip(results[True], results[False]):
         assert on.token_ids == off.token_ids
-        assert (on.logits - off.logits).abs().max().item() <= 1e-5
+        assert (on.logits - off.logits).abs().max().item() <= 1e-4
 
 
 def test_preemption_gives_the_same_greedy_output(tiny_model, random_prompts):
@@ -173,7 +173,7 @@ def test_preemption_gives_the_same_greedy_output(tiny_model, random_prompts):
     assert sum(out.num_preemptions for out in outs) > 0
     for out, ref in zip(outs, refs):
         assert out.token_ids == ref.token_ids
-        assert (out.logits - ref.logits).abs().max().item() <= 1e-5
+        assert (out.logits - ref.logits).abs().max().item() <= 1e-4
 
 
 # ---------------------------------------------------------------- bad input

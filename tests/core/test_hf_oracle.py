@@ -52,7 +52,7 @@ def run_transformers(path: Path, prompts: list[list[int]]) -> Reference:
         for p in prompts
     ]
     # One left-padded batch (the mask gives every row its own positions); its tokens equal
-    # prompt-by-prompt generate and its logits agree to ~3e-6, at an eighth of the cost.
+    # prompt-by-prompt generate and its logits agree to ~3e-6, at a fifth of the cost.
     width = max(len(p) for p in prompts)
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -162,7 +162,7 @@ def test_output_does_not_depend_on_batch(family, hf_reference, random_prompts):
     batched = batch[3]
     assert alone.token_ids == expected_tokens
     assert batched.token_ids == expected_tokens
-    assert max_abs_diff(batched.logits, alone.logits) <= 1e-5
+    assert max_abs_diff(batched.logits, alone.logits) <= ATOL
     assert max_abs_diff(alone.logits, ref.step_logits[5]) <= ATOL
     assert sorted(len(o.token_ids) for o in batch[:3] + batch[4:]) == sorted(
         p.max_tokens for p in other_params
