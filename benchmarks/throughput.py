@@ -1,0 +1,208 @@
+"""Offline throughput: titanserve vs batched `transformers.generate`, same requests, same run.
+
+    python benchmarks/throughput.py [--models tiny-mixtral tiny-llama] [--workers 1 2]
+                                    [--num-requests 64] [--hf-batch-size 16] [--smollm2]
+
+64 seeded random requests (prompts of 32-256 tokens, 64-128 output tokens, EOS ignored, greedy)
+on tiny fp32 checkpoints from `make_tiny`, scaled up so that model compute is not trivial.
+transformers runs them in batches with left padding and an attention mask; a batch generates
+its longest output, and only the tokens each request asked for are counted. Prints output
+tokens/s of both, the ratio, and how many greedy tokens agree. `--smollm2` adds SmolLM2-135M
+(bf16) decode tok/s at batch 1 and 8.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from titanserve.core.llm import LLM
+from titanserve.core.sampling_params import SamplingParams
+from titanserve.launcher.tiny_models import make_tiny
+
+# The tiny zoo's models, a bit bigger: (H 256, 4 layers, 8 query / 4 kv heads).
+SCALED = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4)
+MODELS = {
+    "tiny-llama": ("llama", dict(SCALED, intermediate_size=768)),
+    "tiny-mixtral": ("mixtral", dict(SCALED, intermediate_size=384)),
+}
+Request = tuple[list[int], int]  # (prompt token ids, output tokens)
+
+
+def make_requests(
+    n: int, vocab: int, prompt_lens: tuple[int, int], output_lens: tuple[int, int], seed: int = 0
+) -> list[Request]:
+    """n random requests with uniform prompt/output lengths in the given (inclusive) ranges."""
+    rng = random.Random(seed)
+    return [
+        (
+            [rng.randrange(vocab) for _ in range(rng.randint(*prompt_lens))],
+            rng.randint(*output_lens),
+        )
+        for _ in range(n)
+    ]
+
+
+def run_titanserve(
+    path: Path, requests: list[Request], workers: int, dtype: str, repeat: int = 1
+) -> dict:
+    """Best of `repeat` runs, each a fresh engine (a warm prefix cache would flatter it)."""
+    runs = [_titanserve_once(path, requests, workers, dtype) for _ in range(repeat)]
+    return min(runs, key=lambda r: r["elapsed_s"])
+
+
+def _titanserve_once(path: Path, requests: list[Request], workers: int, dtype: str) -> dict:
+    """Time `LLM.generate` on all requests at once (after a warm-up request)."""
+    llm = LLM(str(path), dtype=dtype, num_workers=workers, progress=False)
+    try:
+        params = [
+            SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for _, n in requests
+        ]
+        llm.generate([requests[0][0][:16]], params[0])  # warm-up (one-time costs)
+        executor = llm.engine.executor
+        for name in ("step_time_s", "compute_time_s"):  # count the timed run only
+            if hasattr(executor, name):
+                setattr(executor, name, 0.0)
+        start = time.perf_counter()
+        outputs = llm.generate([p for p, _ in requests], params)
+        elapsed = time.perf_counter() - start
+        overhead = getattr(executor, "overhead_fraction", None)  # property or method
+        if callable(overhead):
+            overhead = overhead()
+        return {
+            "elapsed_s": elapsed,
+            "tokens": sum(len(o.token_ids) for o in outputs),
+            "token_ids": [o.token_ids for o in outputs],
+            "overhead": overhead if workers > 1 else None,
+        }
+    finally:
+        llm.shutdown()
+
+
+@torch.inference_mode()
+def run_hf(
+    path: Path, requests: list[Request], batch_size: int, dtype: str, repeat: int = 1
+) -> dict:
+    """Time batched `transformers.generate` (left padding, attention mask, greedy, no EOS)."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path, dtype=getattr(torch, dtype)
+    ).eval()
+    model.generation_config.eos_token_id = None  # ignore EOS, like ignore_eos=True
+
+    def generate(batch: list[Request]) -> list[list[int]]:
+        width = max(len(p) for p, _ in batch)
+        ids = torch.zeros(len(batch), width, dtype=torch.long)  # (B, S) left-padded with 0
+        mask = torch.zeros(len(batch), width, dtype=torch.long)  # (B, S)
+        for row, (prompt, _) in enumerate(batch):
+            ids[row, width - len(prompt) :] = torch.tensor(prompt)
+            mask[row, width - len(prompt) :] = 1
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max(n for _, n in batch),
+            do_sample=False,
+            pad_token_id=0,
+        )  # (B, S + new)
+        return [out[row, width : width + n].tolist() for row, (_, n) in enumerate(batch)]
+
+    generate([(requests[0][0][:16], 2)])  # warm-up
+    elapsed = float("inf")
+    for _ in range(repeat):  # best of `repeat`
+        start, token_ids = time.perf_counter(), []
+        for i in range(0, len(requests), batch_size):
+            token_ids += generate(requests[i : i + batch_size])
+        elapsed = min(elapsed, time.perf_counter() - start)
+    return {"elapsed_s": elapsed, "tokens": sum(map(len, token_ids)), "token_ids": token_ids}
+
+
+def agreement(a: list[list[int]], b: list[list[int]]) -> float:
+    """Fraction of tokens in the common greedy prefix of each request pair."""
+    same = total = 0
+    for x, y in zip(a, b):
+        total += max(len(x), len(y))
+        same += next((i for i, (s, t) in enumerate(zip(x, y)) if s != t), min(len(x), len(y)))
+    return same / total if total else 1.0
+
+
+def _row(label: str, result: dict, extra: str = "") -> None:
+    rate = result["tokens"] / result["elapsed_s"]
+    print(
+        f"  {label:<26}{result['tokens']:>7} tok {result['elapsed_s']:>8.2f} s "
+        f"{rate:>9.1f} tok/s{extra}",
+        flush=True,
+    )
+
+
+def bench_tiny(name: str, workers: list[int], args: argparse.Namespace, tmp: Path) -> None:
+    """One tiny model: transformers once, titanserve once per worker count."""
+    family, overrides = MODELS[name]
+    path = make_tiny(family, tmp / name, **overrides)
+    vocab = json.loads((path / "config.json").read_text())["vocab_size"]
+    requests = make_requests(args.num_requests, vocab, (32, 256), (64, 128), args.seed)
+    n_in = sum(len(p) for p, _ in requests)
+    print(f"\n{name} (fp32, {len(requests)} requests, {n_in} prompt tokens)", flush=True)
+    hf = run_hf(path, requests, args.hf_batch_size, "float32", args.repeat)
+    _row(f"transformers (batch {args.hf_batch_size})", hf)
+    hf_rate = hf["tokens"] / hf["elapsed_s"]
+    for w in workers:
+        ts = run_titanserve(path, requests, w, "float32", args.repeat)
+        extra = f"  x{ts['tokens'] / ts['elapsed_s'] / hf_rate:.2f} vs HF"
+        extra += f"  agree {agreement(ts['token_ids'], hf['token_ids']):.0%}"
+        if ts["overhead"] is not None:
+            extra += f"  outside compute {ts['overhead']:.0%}"
+        _row(f"titanserve ({w} worker{'s' * (w > 1)})", ts, extra)
+
+
+def bench_smollm2(args: argparse.Namespace, tmp: Path) -> None:
+    """SmolLM2-135M bf16: decode tok/s at batch 1 and 8, titanserve (1 worker) vs transformers."""
+    from titanserve.launcher.smollm2_models import make_smollm2
+
+    try:
+        path = make_smollm2(tmp / "smollm2", dtype="bfloat16")
+    except (FileNotFoundError, ValueError) as e:
+        print(f"\nsmollm2: skipped ({e})")
+        return
+    print("\nsmollm2-135M (bf16, 32 prompt tokens, 64 output tokens)", flush=True)
+    for batch in (1, 8):
+        requests = make_requests(batch, 49152, (32, 32), (64, 64), args.seed)
+        hf = run_hf(path, requests, batch, "bfloat16", args.repeat)
+        _row(f"transformers b{batch}", hf)
+        ts = run_titanserve(path, requests, 1, "bfloat16", args.repeat)
+        ratio = (ts["tokens"] / ts["elapsed_s"]) / (hf["tokens"] / hf["elapsed_s"])
+        _row(f"titanserve b{batch}", ts, f"  x{ratio:.2f} vs HF")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; prints a table."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--workers", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--num-requests", type=int, default=64)
+    parser.add_argument("--hf-batch-size", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeat", type=int, default=1, help="best of N runs (noisy hosts)")
+    parser.add_argument("--smollm2", action="store_true", help="add SmolLM2-135M bf16 b1/b8")
+    args = parser.parse_args(argv)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="titanserve-bench-") as tmp:
+        for name in args.models:
+            bench_tiny(name, args.workers, args, Path(tmp))
+        if args.smollm2:
+            bench_smollm2(args, Path(tmp))
+    print(f"\ntotal {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
