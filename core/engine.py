@@ -59,6 +59,17 @@ class Engine:
         device = config.resolve_device(0)
         per_block = kv_bytes_per_block(cfg, config.block_size, config.torch_dtype)
         self.num_blocks = config.resolve_num_blocks(per_block, self.max_model_len, device)
+        # NOTE: one worker's cache must hold a whole request (until long prompts are sharded
+        # across workers), so the context is capped to it and no request can outgrow it.
+        capacity = self.num_blocks * config.block_size
+        self.context_capped_by_cache = capacity < self.max_model_len
+        if self.context_capped_by_cache:
+            if config.max_model_len is not None:
+                raise ConfigError(
+                    f"max_model_len {config.max_model_len} does not fit in the KV cache "
+                    f"({capacity} tokens per worker): raise --kv-cache-memory or lower it"
+                )
+            self.max_model_len = capacity
         eos = set(cfg.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -109,16 +120,14 @@ class Engine:
         if bad is not None:
             raise InvalidRequest(f"token id {bad!r} is outside the vocabulary [0, {vocab})")
         if len(token_ids) >= self.max_model_len:
+            if self.context_capped_by_cache:
+                raise InvalidRequest(
+                    f"prompt has {len(token_ids)} tokens; the KV cache holds "
+                    f"{self.max_model_len} per worker: raise --kv-cache-memory or --num-kv-blocks"
+                )
             raise InvalidRequest(
                 f"prompt has {len(token_ids)} tokens; the context holds {self.max_model_len} "
                 "(prompt + at least one generated token)"
-            )
-        # NOTE: until long prompts are sharded across workers, one worker's cache holds all.
-        capacity = self.num_blocks * self.config.block_size
-        if len(token_ids) > capacity:
-            raise InvalidRequest(
-                f"prompt has {len(token_ids)} tokens; the KV cache holds {capacity} per worker: "
-                "raise --kv-cache-memory or --num-kv-blocks"
             )
         if not isinstance(sampling, SamplingParams):
             raise InvalidRequest("sampling_params must be a SamplingParams")

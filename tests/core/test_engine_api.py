@@ -275,3 +275,18 @@ def test_context_manager_shuts_the_engine_down(tiny_model, random_prompts):
     assert llm.engine.executor is None
     with pytest.raises(InvalidRequest, match="the engine is shut down"):
         llm.generate([prompt], greedy(max_tokens=3))
+
+
+def test_request_that_would_outgrow_the_kv_cache_stops_at_its_capacity(tiny_model, random_prompts):
+    (prompt,) = random_prompts([60], seed=13)
+    with make_llm(tiny_model(FAMILY), block_size=4, num_kv_blocks=16) as llm:  # 64 slots
+        assert llm.engine.max_model_len == 64
+        (out,) = llm.generate([prompt], greedy(max_tokens=20))
+    assert (len(out.token_ids), out.finish_reason) == (4, "length")
+
+
+def test_explicit_context_longer_than_the_kv_cache_is_a_config_error(tiny_model):
+    from titanserve.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="does not fit in the KV cache"):
+        make_llm(tiny_model(FAMILY), block_size=4, num_kv_blocks=16, max_model_len=128)
