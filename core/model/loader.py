@@ -200,8 +200,28 @@ def _check_complete(model: DecoderModel, params: dict, filled: set) -> None:
                 raise ConfigError(_missing(f"{n[0]}[{n[1]}]" if n[1] else n[0], cfg))
 
 
+def checkpoint_name(name: str) -> str:
+    """The Hugging Face tensor name that fills our parameter `name` (for error messages)."""
+    m = re.fullmatch(r"(.*)\.self_attn\.qkv_(weight|bias)\[([qkv])\]", name)
+    if m:
+        return f"model.{m[1]}.self_attn.{m[3]}_proj.{m[2]}"
+    m = re.fullmatch(r"(.*)\.self_attn\.o_(weight|bias)", name)
+    if m:
+        return f"model.{m[1]}.self_attn.o_proj.{m[2]}"
+    m = re.fullmatch(r"(.*)\.gate_up_proj\[(gate|up)\]", name)
+    if m:
+        return f"model.{m[1]}.{m[2]}_proj.weight"
+    m = re.fullmatch(r"(.*)\.mlp\.w_(gate_up|down)", name)
+    if m:
+        kind = "gate_proj/up_proj" if m[2] == "gate_up" else "down_proj"
+        return f"model.{m[1]}.mlp.experts.*.{kind}"
+    if name in ("embed_tokens", "lm_head"):
+        return "lm_head.weight" if name == "lm_head" else "model.embed_tokens.weight"
+    return f"model.{name}"
+
+
 def _missing(name: str, cfg) -> str:
     return (
-        f"checkpoint is missing tensor for {name} ({cfg.architecture}): "
-        "incomplete or mismatched weights"
+        f"checkpoint is missing tensor {checkpoint_name(name)} (for {name}, "
+        f"{cfg.architecture}): incomplete or mismatched weights"
     )

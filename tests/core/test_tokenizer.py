@@ -160,7 +160,7 @@ def test_missing_tensor_is_named(tiny_model, tmp_path):
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ConfigError) as error:
         make_llm(path)
-    assert_one_line(error, "missing tensor", "layers.1.self_attn.qkv_weight[k]")
+    assert_one_line(error, "missing tensor", "model.layers.1.self_attn.k_proj.weight")
 
 
 def test_tensor_of_the_wrong_shape_is_named(tiny_model, tmp_path):
