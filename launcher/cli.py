@@ -17,6 +17,8 @@ import re
 import sys
 from collections.abc import Sequence
 
+from titanserve.core.errors import TitanserveError
+
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 MODEL_CHOICES = (
@@ -34,7 +36,7 @@ _MEMORY_UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "ki": 2**10, "mi": 2**20, 
 MULTINODE_FLAGS = ("hostfile", "include", "exclude", "master_addr", "master_port", "node_rank")
 
 
-class UsageError(Exception):
+class UsageError(TitanserveError):
     """A mistake on the command line; main() prints it as one `titanserve: error:` line."""
 
 
@@ -215,8 +217,6 @@ def _one_line(error: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run `titanserve` with argv (default sys.argv[1:]); returns the exit code."""
-    from titanserve.core.errors import TitanserveError
-
     try:
         parser = build_parser()
         args, extra = parser.parse_known_args(argv)
@@ -239,4 +239,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # NOTE: under `python -m` this file is `__main__`; run the importable module's main so that
+    # command modules and this entry point share one UsageError class.
+    from titanserve.launcher.cli import main as _main
+
+    sys.exit(_main())
