@@ -155,12 +155,17 @@ def bench_tiny(name: str, workers: list[int], args: argparse.Namespace, tmp: Pat
     _row(f"transformers (batch {args.hf_batch_size})", hf)
     hf_rate = hf["tokens"] / hf["elapsed_s"]
     for w in workers:
-        ts = run_titanserve(path, requests, w, "float32", args.repeat)
+        label = f"titanserve ({w} worker{'s' * (w > 1)})"
+        try:
+            ts = run_titanserve(path, requests, w, "float32", args.repeat)
+        except Exception as e:  # one broken configuration must not hide the others' numbers
+            print(f"  {label:<26}FAILED: {type(e).__name__}: {e}", flush=True)
+            continue
         extra = f"  x{ts['tokens'] / ts['elapsed_s'] / hf_rate:.2f} vs HF"
         extra += f"  agree {agreement(ts['token_ids'], hf['token_ids']):.0%}"
         if ts["overhead"] is not None:
             extra += f"  outside compute {ts['overhead']:.0%}"
-        _row(f"titanserve ({w} worker{'s' * (w > 1)})", ts, extra)
+        _row(label, ts, extra)
 
 
 def bench_smollm2(args: argparse.Namespace, tmp: Path) -> None:

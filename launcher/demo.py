@@ -63,18 +63,24 @@ def resolve_num_workers(requested: int) -> int:
 
 
 def start_engine(model: Path, num_workers: int, dtype: str):
-    """(LLM, workers it runs): a multi-worker engine that fails to start falls back to 1,
-    saying why on stderr."""
+    """(LLM, workers it runs). A multi-worker engine is tried on a two-token request first;
+    one that fails to start or to step falls back to 1 worker, saying why on stderr."""
     from titanserve.core.llm import LLM
+    from titanserve.core.sampling_params import SamplingParams
 
     kwargs = dict(dtype=dtype, max_model_len=1024)
     if num_workers == 1:
         return LLM(str(model), num_workers=1, **kwargs), 1
+    llm = None
     try:
-        return LLM(str(model), num_workers=num_workers, **kwargs), num_workers
+        llm = LLM(str(model), num_workers=num_workers, **kwargs)
+        llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2, temperature=0.0))
+        return llm, num_workers
     except Exception as e:  # reported below; the demo goes on with 1 worker
-        reason = " ".join(str(e).split()) or type(e).__name__
-        print(f"note: {num_workers} workers failed to start ({reason}); running 1", file=sys.stderr)
+        if llm is not None:
+            llm.shutdown()
+        reason = " ".join(f"{type(e).__name__}: {e}".split())
+        print(f"note: {num_workers} workers failed ({reason}); running 1 worker", file=sys.stderr)
         return LLM(str(model), num_workers=1, **kwargs), 1
 
 
