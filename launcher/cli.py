@@ -132,7 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="titanserve", description="titanserve LLM inference engine")
     launch = parser.add_argument_group("launcher (DeepSpeed-style)")
     launch.add_argument(
-        "--num_workers", "--num-workers", type=positive_int, dest="launcher_num_workers"
+        "--num_workers",
+        "--num-workers",
+        type=positive_int,
+        dest="launcher_num_workers",
+        metavar="N",
     )
     launch.add_argument("--hostfile", help="multi-node hostfile (not yet supported)")
     launch.add_argument("--include", help="hosts/ranks to use, e.g. worker-0:0,1")
