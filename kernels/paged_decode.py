@@ -38,6 +38,8 @@ def paged_decode_attn_torch(
     tables = block_tables.long()
     k = k_cache[tables].flatten(1, 2)  # (B, L, Hk, D)
     v = v_cache[tables].flatten(1, 2)  # (B, L, Hk, D)
+    if q.device.type == "cpu" and B > 0 and k.shape[1] > 0:
+        return _cpu_flash_decode(q, k, v, context_lens, scale)
     qg = q.reshape(B, Hk, Hq // Hk, D).float()  # (B, Hk, G, D)
     s = torch.einsum("bhgd,blhd->bhgl", qg, k.float()) * scale  # (B, Hk, G, L)
     slots = torch.arange(k.shape[1], device=q.device)  # (L,)
@@ -48,6 +50,26 @@ def paged_decode_attn_torch(
     out = torch.einsum("bhgl,blhd->bhgd", p, v.float())  # (B, Hk, G, D)
     return out.reshape(B, Hq, D).to(q.dtype), lse.reshape(B, Hq)
 
+
+
+def _cpu_flash_decode(q, k, v, context_lens, scale):
+    """The CPU path: torch's flash kernel (native GQA, strided K/V, lse) with a length mask."""
+    B, Hq, D = q.shape
+    lens = context_lens.to(q.device).long()  # (B,)
+    slots = torch.arange(k.shape[1], device=q.device)  # (L,)
+    # a row with no context would be all -inf: give it one key, then zero it below
+    visible = slots[None, :] < lens.clamp(min=1)[:, None]  # (B, L)
+    bias = torch.zeros(visible.shape, dtype=q.dtype).masked_fill(~visible, float("-inf"))
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2),
+        attn_mask=bias[:, None, None, :], scale=scale,
+    )  # (B, Hq, 1, D), (B, Hq, 1)
+    out, lse = out.squeeze(2), lse.squeeze(2).float()
+    empty = lens == 0
+    if bool(empty.any()):
+        out = out.masked_fill(empty[:, None, None], 0.0)
+        lse = lse.masked_fill(empty[:, None], float("-inf"))
+    return out, lse
 
 
 LOG2E = 1.4426950408889634
