@@ -8,6 +8,7 @@ B sequences, N partial results.
 from __future__ import annotations
 
 import torch
+
 from titanserve.kernels.backend import backend
 from titanserve.kernels.flash_attn import flash_attn_fwd_torch, flash_attn_fwd_triton
 from titanserve.kernels.fused_moe import ACTIVATIONS, fused_moe_torch, fused_moe_triton
