@@ -38,6 +38,8 @@ class EngineConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.comm not in ("zmq", "torch"):
             raise ConfigError(f"comm must be 'zmq' or 'torch', got {self.comm!r}")
+        if self.sp_threshold is not None:
+            raise ConfigError("sequence parallel (--sp-threshold) is not available yet")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ConfigError("num_kv_blocks must be >= 1")
 

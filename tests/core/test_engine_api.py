@@ -290,3 +290,12 @@ def test_explicit_context_longer_than_the_kv_cache_is_a_config_error(tiny_model)
 
     with pytest.raises(ConfigError, match="does not fit in the KV cache"):
         make_llm(tiny_model(FAMILY), block_size=4, num_kv_blocks=16, max_model_len=128)
+
+
+def test_options_that_do_nothing_yet_are_refused_not_ignored(tiny_model):
+    from titanserve.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="sequence parallel"):
+        make_llm(tiny_model(FAMILY), sp_threshold=1024)
+    with pytest.raises(ConfigError, match="unknown engine option"):
+        make_llm(tiny_model(FAMILY), max_num_seq=4)
