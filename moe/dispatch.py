@@ -56,6 +56,7 @@ class ExpertParallel:
             rx, rmeta[:, 1:2].to(x.dtype), rmeta[:, 0:1].long()
         )  # (N, H), already scaled by the router weight
         back = self.collective.all_to_all_v(list(expert_out.split(recv_counts)))
-        out = torch.zeros(T, x.shape[1], dtype=x.dtype, device=x.device)  # (T, H)
-        out.index_add_(0, token_of_pair, torch.cat(back))
-        return out
+        # the top-k sum runs in fp32, as in the single-worker grouped compute
+        out = torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device)  # (T, H)
+        out.index_add_(0, token_of_pair, torch.cat(back).float())
+        return out.to(x.dtype)
