@@ -27,6 +27,15 @@ _DTYPES: dict[str, torch.dtype] = {
     )
 }  # fmt: skip
 _DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in _DTYPES.items()}
+_NUMPY_CARRIERS = {  # dtypes numpy lacks travel as integers of the same size
+    torch.bfloat16: torch.int16, torch.float8_e4m3fn: torch.uint8, torch.float8_e5m2: torch.uint8,
+}
+# name -> (dtype, numpy dtype of its bytes, whether the tensor must be viewed back to dtype)
+_DECODE: dict[str, tuple[torch.dtype, np.dtype, bool]] = {
+    name: (dtype, torch.empty(0, dtype=_NUMPY_CARRIERS.get(dtype, dtype)).numpy().dtype,
+           dtype in _NUMPY_CARRIERS)
+    for name, dtype in _DTYPES.items()
+}  # fmt: skip
 
 
 class TensorHeader(msgspec.Struct, array_like=True, frozen=True):
@@ -49,24 +58,31 @@ def tensor_header(tensor: torch.Tensor) -> TensorHeader:
 
 
 def tensor_buffer(tensor: torch.Tensor) -> np.ndarray:
-    """A flat uint8 view of `tensor`'s bytes, usable as a zero-copy ZeroMQ frame.
+    """A numpy array over `tensor`'s bytes, usable as a zero-copy ZeroMQ frame.
 
-    Contiguous CPU tensors are viewed, not copied; the view keeps the storage alive. Other
-    tensors (non-contiguous, on a GPU) are first copied into a contiguous CPU tensor.
+    Contiguous CPU tensors are viewed, not copied; the array keeps the storage alive. Other
+    tensors (non-contiguous, on a GPU) are first copied into a contiguous CPU tensor. Dtypes
+    numpy lacks are viewed as integers of the same size: only the bytes matter.
     NOTE: a frame sent with copy=False reads the storage until ZeroMQ has sent it; do not
     write to the tensor in place before then.
     """
-    tensor = tensor.detach()
-    if tensor.device.type != "cpu":
+    if tensor.requires_grad:
+        tensor = tensor.detach()
+    if not tensor.is_cpu:
         tensor = tensor.cpu()
     if not tensor.is_contiguous():
         tensor = tensor.contiguous()
-    return tensor.reshape(-1).view(torch.uint8).numpy()
+    carrier = _NUMPY_CARRIERS.get(tensor.dtype)
+    return (tensor if carrier is None else tensor.view(carrier)).numpy()
 
 
 def encode_tensor(tensor: torch.Tensor) -> tuple[bytes, np.ndarray]:
     """Encode `tensor` as (header bytes, data buffer); send both, the data with copy=False."""
-    return _header_encoder.encode(tensor_header(tensor)), tensor_buffer(tensor)
+    name = _DTYPE_NAMES.get(tensor.dtype)
+    if name is None:
+        raise ValueError(f"tensor dtype {tensor.dtype} cannot travel as a frame")
+    data = tensor_buffer(tensor)
+    return _header_encoder.encode(TensorHeader(name, data.shape)), data
 
 
 def encode_header(header: TensorHeader) -> bytes:
@@ -85,28 +101,31 @@ def decode_header(data: Any) -> TensorHeader:
 def tensor_from_buffer(header: TensorHeader, data: Any) -> torch.Tensor:
     """View `data` (bytes-like, e.g. a zmq.Frame) as the tensor `header` describes.
 
-    Zero-copy unless the buffer is not aligned to the dtype's item size. The tensor shares
-    memory with `data` and keeps it alive. Raises ValueError if the header and buffer disagree.
+    Zero-copy, unless the buffer is read-only or not aligned to the dtype's item size. The
+    tensor shares memory with `data` and keeps it alive. Raises ValueError if the header and
+    buffer disagree.
     """
-    dtype = _DTYPES.get(header.dtype)
-    if dtype is None:
+    entry = _DECODE.get(header.dtype)
+    if entry is None:
         raise ValueError(f"unknown tensor dtype {header.dtype!r} in frame header")
+    dtype, np_dtype, view_back = entry
     shape = header.shape
     if len(shape) > MAX_NDIM or any(dim < 0 for dim in shape):
         raise ValueError(f"invalid tensor shape {shape} in frame header")
-    view = memoryview(data)
-    expected = math.prod(shape) * dtype.itemsize
-    if view.nbytes != expected:
+    nbytes = memoryview(data).nbytes
+    expected = math.prod(shape) * np_dtype.itemsize
+    if nbytes != expected:
         raise ValueError(
-            f"tensor frame holds {view.nbytes} bytes but header {header.dtype}{list(shape)} "
+            f"tensor frame holds {nbytes} bytes but header {header.dtype}{list(shape)} "
             f"needs {expected}"
         )
-    if expected == 0:
-        return torch.empty(shape, dtype=dtype)
-    flat = torch.frombuffer(view, dtype=torch.uint8)  # (nbytes,)
-    if flat.data_ptr() % dtype.itemsize:
-        flat = flat.clone()  # ZeroMQ may hand out small messages at odd addresses
-    return flat.view(dtype).view(shape)
+    # NOTE: numpy, not torch, does the reshaping: one torch call per tensor is much cheaper
+    # than several when a receive has just woken this process (cold caches).
+    array = np.frombuffer(data, dtype=np_dtype).reshape(shape)
+    if not (array.flags.aligned and array.flags.writeable):
+        array = array.copy()  # ZeroMQ may hand out small messages at odd addresses
+    tensor = torch.from_numpy(array)
+    return tensor.view(dtype) if view_back else tensor
 
 
 def decode_tensor(header: Any, data: Any) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Where the ZeroMQ mesh's sockets live, and the security rule for binding them.
+"""The ZeroMQ mesh's sockets: where they live, how they open, the rule for binding them.
 
 ipc:// endpoints sit in a private directory (mode 0700) on one host; tcp:// endpoints come from a
 list of ``host:port`` per rank. NOTE (DESIGN.md §6): binding any address other than loopback or
@@ -39,6 +39,19 @@ class CurveKeys:
 def make_socket_dir() -> str:
     """Create a private (0700) directory for a mesh's ipc:// sockets; pass it to every rank."""
     return tempfile.mkdtemp(prefix="titanserve-mesh-")
+
+
+def mesh_endpoints(
+    world_size: int, socket_dir: str | None, addresses: list[str] | None
+) -> list[str]:
+    """tcp:// endpoints if `addresses` (host:port per rank) are given, else ipc:// ones."""
+    if addresses is not None:
+        if len(addresses) != world_size:
+            raise ValueError(f"{len(addresses)} mesh addresses for world_size {world_size}")
+        return tcp_endpoints(addresses)
+    if socket_dir is None:
+        raise ValueError("pass socket_dir (from make_socket_dir()) or addresses (host:port)")
+    return ipc_endpoints(socket_dir, world_size)
 
 
 def ipc_endpoints(socket_dir: str, world_size: int) -> list[str]:
@@ -100,6 +113,59 @@ def remove_dir_if_empty(path: str) -> None:
     except OSError as exc:
         if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
             raise
+
+
+class MeshSockets:
+    """One rank's sockets: a bound PULL inbox and a connected PUSH outbox per peer.
+
+    Every receive and send gives up after `timeout_s` (zmq.Again). `copy_threshold`: smaller
+    zero-copy sends are copied instead (pyzmq's bookkeeping costs more than the copy).
+    """
+
+    def __init__(
+        self, endpoints: list[str], rank: int, *, curve_keys: CurveKeys | None, timeout_s: float,
+        max_message_size_bytes: int, copy_threshold: int, io_threads: int,
+    ) -> None:  # fmt: skip
+        check_bind_allowed(endpoints[rank], curve_keys)
+        self.ctx = zmq.Context(io_threads)
+        self.auth = None
+        self.outboxes: dict[int, zmq.Socket] = {}
+        timeout_ms = max(1, int(timeout_s * 1000))
+        self.ctx.setsockopt(zmq.LINGER, min(timeout_ms, 2000))  # flush the last op, bounded
+        self.ctx.setsockopt(zmq.MAXMSGSIZE, max_message_size_bytes)
+        self.ctx.setsockopt(zmq.RCVTIMEO, timeout_ms)
+        self.ctx.setsockopt(zmq.SNDTIMEO, timeout_ms)
+        self.ctx.setsockopt(zmq.RECONNECT_IVL, 20)
+        self.ctx.setsockopt(zmq.IPV6, 1)
+        self.inbox = self.ctx.socket(zmq.PULL)
+        try:
+            if curve_keys is not None:
+                self.auth = start_authenticator(self.ctx, curve_keys, len(endpoints))
+                self.inbox.curve_server = True
+                self.inbox.curve_secretkey = curve_keys.secret_key
+            self.inbox.bind(endpoints[rank])
+            for peer in range(len(endpoints)):
+                if peer == rank:
+                    continue
+                outbox = self.ctx.socket(zmq.PUSH, copy_threshold=copy_threshold)
+                self.outboxes[peer] = outbox
+                if curve_keys is not None:
+                    outbox.curve_publickey = curve_keys.public_key
+                    outbox.curve_secretkey = curve_keys.secret_key
+                    outbox.curve_serverkey = curve_keys.peer_key(peer)
+                outbox.connect(endpoints[peer])  # NOTE: queues sends until the peer binds
+        except BaseException:
+            self.close(linger_ms=0)
+            raise
+
+    def close(self, linger_ms: int | None) -> None:
+        """Close every socket (waiting up to `linger_ms` to flush; None: the default)."""
+        for outbox in self.outboxes.values():
+            outbox.close(linger=linger_ms)
+        self.inbox.close(linger=linger_ms)
+        if self.auth is not None:
+            self.auth.stop()
+        self.ctx.term()
 
 
 def start_authenticator(ctx: zmq.Context, curve_keys: CurveKeys, world_size: int):

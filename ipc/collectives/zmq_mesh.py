@@ -1,10 +1,12 @@
 """ZeroMQ mesh collective: each rank binds one PULL socket and connects a PUSH to every peer.
 
-A message is two frames: a head (op sequence number, source rank, op code, tensor header) and
-the tensor's raw bytes, sent with copy=False and received as a zero-copy `torch.frombuffer` view.
-Sends to every peer are queued before any receive, so ZeroMQ's IO thread moves all of them at
-once. NOTE: per peer, ZeroMQ delivers in order; a message for a later op (a fast peer) is kept
-until that op runs, a message for an earlier op is a protocol bug (assert).
+A message starts with a head: op sequence number, source rank, op code, tensor header length,
+tensor header (dtype, shape). Small tensors ride in the head's frame (one frame, one copy);
+larger ones follow as a second frame, zero-copy over tcp://, or as a reference into the
+shared-memory lane (`shm_lane`) over ipc://. Sends to every peer are queued before any receive,
+so all transfers overlap.
+NOTE: per peer, ZeroMQ delivers in order; a message for a later op (from a fast peer) is kept
+until that op runs, a message for an op already finished is a protocol bug (assert).
 """
 
 from __future__ import annotations
@@ -12,20 +14,29 @@ from __future__ import annotations
 import struct
 import time
 
+import numpy as np
 import torch
 import zmq
 
 from titanserve.ipc.collectives import Collective
-from titanserve.ipc.collectives import mesh_endpoints as ep
+from titanserve.ipc.collectives import mesh_sockets as ms
+from titanserve.ipc.collectives.shm_lane import ShmLane, default_shm_dir
 from titanserve.ipc.errors import WorkerLost
 from titanserve.ipc.tensor_frames import decode_header, encode_tensor, tensor_from_buffer
 
-_PREFIX = struct.Struct("<QHB")  # op sequence number, source rank, op code
-_HELLO, _ALL_TO_ALL, _ALL_GATHER, _RING, _BARRIER = range(5)
-_OP_NAMES = ("hello", "all_to_all_v", "all_gather", "ring_send_recv", "barrier")
-_WORLD = struct.Struct("<I")
+_HEAD = struct.Struct("<QHBH")  # op sequence number, source rank, op code, tensor header bytes
+_HELLO, _ALL_TO_ALL, _ALL_GATHER, _RING, _BARRIER, _ACK = range(6)
+_OP_NAMES = ("hello", "all_to_all_v", "all_gather", "ring_send_recv", "barrier", "ack")
+_IN_SHM = 0x80  # op code flag: the data frame is a reference into the sender's arena
+_INLINE_MAX_BYTES = 128 << 10  # up to this, one frame (a copy) beats shared memory + ack
+_ZMQ_COPY_BELOW_BYTES = 256 << 10  # below this a copy beats zero-copy's release bookkeeping
+_EMPTY = np.empty(0, dtype=np.uint8)
 
 Frames = list[zmq.Frame]
+
+
+def _to_device_of(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return tensor if like.is_cpu else tensor.to(like.device)  # no torch call in the CPU case
 
 
 class ZmqMeshCollective(Collective):
@@ -35,7 +46,9 @@ class ZmqMeshCollective(Collective):
     sockets, or `addresses` (``host:port`` per rank) for tcp://. Each receive waits at most
     `timeout_s` before raising `WorkerLost`; the start-up handshake waits `connect_timeout_s`
     for every peer. `curve_keys` encrypts and authenticates the mesh; it is required to bind a
-    non-loopback address. close() removes this rank's socket file, and the directory once empty.
+    non-loopback address. Over ipc://, tensors over 128 KiB travel through shared memory
+    unless `use_shm` is False. close() removes this rank's socket file, and the directory once
+    it is empty.
     """
 
     def __init__(
@@ -47,7 +60,8 @@ class ZmqMeshCollective(Collective):
         addresses: list[str] | None = None,
         timeout_s: float = 30.0,
         connect_timeout_s: float = 60.0,
-        curve_keys: ep.CurveKeys | None = None,
+        curve_keys: ms.CurveKeys | None = None,
+        use_shm: bool = True,
         max_message_size_bytes: int = 1 << 34,
         io_threads: int = 1,
     ) -> None:
@@ -56,59 +70,29 @@ class ZmqMeshCollective(Collective):
         self.rank, self.world_size = rank, world_size
         self.timeout_s = timeout_s
         self._seq = 0
-        self._stash: dict[tuple[int, int], Frames] = {}
-        self._ctx: zmq.Context | None = None
-        self._inbox: zmq.Socket | None = None
-        self._outboxes: list[zmq.Socket | None] = [None] * world_size
-        self._auth = None
+        self._stash: dict[tuple[int, int], Frames] = {}  # (seq, src) -> frames not yet used
+        self._sockets: ms.MeshSockets | None = None
+        self._shm: ShmLane | None = None
         self._broken = False  # after WorkerLost, close() drops unsent messages at once
         self._socket_dir = socket_dir if addresses is None else None
         self._endpoints: list[str] = []
         if world_size == 1:
             return
-        if addresses is not None:
-            if len(addresses) != world_size:
-                raise ValueError(f"{len(addresses)} mesh addresses for world_size {world_size}")
-            self._endpoints = ep.tcp_endpoints(addresses)
-        elif socket_dir is not None:
-            self._endpoints = ep.ipc_endpoints(socket_dir, world_size)
-        else:
-            raise ValueError("pass socket_dir (from make_socket_dir()) or addresses (host:port)")
-        ep.check_bind_allowed(self._endpoints[rank], curve_keys)
+        self._endpoints = ms.mesh_endpoints(world_size, socket_dir, addresses)
+        shm_dir = default_shm_dir()
+        if addresses is None and shm_dir is not None and use_shm:
+            self._shm = ShmLane(shm_dir, self._endpoints[0], rank)
         try:
-            self._open(curve_keys, max_message_size_bytes, io_threads)
+            self._sockets = ms.MeshSockets(
+                self._endpoints, rank, curve_keys=curve_keys, timeout_s=timeout_s,
+                max_message_size_bytes=max_message_size_bytes,
+                copy_threshold=_ZMQ_COPY_BELOW_BYTES, io_threads=io_threads,
+            )  # fmt: skip
+            self._inbox, self._outboxes = self._sockets.inbox, self._sockets.outboxes
             self._handshake(connect_timeout_s)
         except BaseException:
             self.close()
             raise
-
-    def _open(self, curve_keys: ep.CurveKeys | None, max_size: int, io_threads: int) -> None:
-        self._ctx = ctx = zmq.Context(io_threads)
-        timeout_ms = max(1, int(self.timeout_s * 1000))
-        for option, value in (
-            (zmq.LINGER, min(timeout_ms, 2000)),  # flush the last op's sends, bounded if peers died
-            (zmq.MAXMSGSIZE, max_size),
-            (zmq.RCVTIMEO, timeout_ms),
-            (zmq.SNDTIMEO, timeout_ms),
-            (zmq.RECONNECT_IVL, 20),
-            (zmq.IPV6, 1),
-        ):
-            ctx.setsockopt(option, value)
-        if curve_keys is not None:
-            self._auth = ep.start_authenticator(ctx, curve_keys, self.world_size)
-        self._inbox = ctx.socket(zmq.PULL)
-        if curve_keys is not None:
-            self._inbox.curve_server = True
-            self._inbox.curve_secretkey = curve_keys.secret_key
-        self._inbox.bind(self._endpoints[self.rank])
-        for peer in self._peers():
-            outbox = ctx.socket(zmq.PUSH)
-            if curve_keys is not None:
-                outbox.curve_publickey = curve_keys.public_key
-                outbox.curve_secretkey = curve_keys.secret_key
-                outbox.curve_serverkey = curve_keys.peer_key(peer)
-            outbox.connect(self._endpoints[peer])  # NOTE: queues sends until the peer binds
-            self._outboxes[peer] = outbox
 
     def _peers(self) -> list[int]:
         """Other ranks, starting after this one so that ranks do not all hit rank 0 first."""
@@ -116,10 +100,10 @@ class ZmqMeshCollective(Collective):
 
     def _handshake(self, connect_timeout_s: float) -> None:
         """Exchange hellos with every peer so that a missing peer fails here, not in op 1."""
-        seq = self._next_seq()
-        hello = _PREFIX.pack(seq, self.rank, _HELLO) + _WORLD.pack(self.world_size)
-        for peer in self._peers():
-            self._outboxes[peer].send(hello)
+        seq, self._seq = self._seq, self._seq + 1
+        hello = _HEAD.pack(seq, self.rank, _HELLO, 0) + struct.pack("<I", self.world_size)
+        for outbox in self._outboxes.values():
+            outbox.send(hello)
         deadline = time.monotonic() + connect_timeout_s
         waiting = set(self._peers())
         try:
@@ -133,81 +117,98 @@ class ZmqMeshCollective(Collective):
                     )
                 self._inbox.rcvtimeo = remaining_ms
                 try:
-                    frames = self._recv_one(seq, _HELLO, waiting)
+                    msg_seq, src, _, frames = self._recv_message()
                 except zmq.Again:
                     continue
-                if frames is not None:
-                    src = _PREFIX.unpack_from(frames[0].buffer)[1]
-                    (peer_world,) = _WORLD.unpack_from(frames[0].buffer, _PREFIX.size)
-                    if peer_world != self.world_size:
-                        raise ValueError(f"rank {src} has world_size {peer_world}")
-                    waiting.discard(src)
+                if msg_seq != seq:  # a fast peer's first op
+                    self._keep(msg_seq, src, frames)
+                    continue
+                if struct.unpack_from("<I", frames[0].buffer, _HEAD.size)[0] != self.world_size:
+                    raise ValueError(f"rank {src} runs with another world_size")
+                waiting.discard(src)
         finally:
             self._inbox.rcvtimeo = max(1, int(self.timeout_s * 1000))
 
-    def _next_seq(self) -> int:
-        seq = self._seq
-        self._seq += 1
-        return seq
-
-    def _recv_one(self, seq: int, op: int, waiting: set[int]) -> Frames | None:
-        """Receive one message: its frames if it is op `seq`'s, else None (kept for later).
+    def _recv_message(self) -> tuple[int, int, int, Frames]:
+        """The next (seq, src, op, frames) from any peer; acks are applied on the way.
 
         Raises zmq.Again when nothing arrives within the receive timeout.
         """
-        frames = self._inbox.recv_multipart(copy=False)
-        head = frames[0].buffer
-        if len(head) < _PREFIX.size:
-            raise ValueError(f"malformed mesh message ({len(head)} byte head)")
-        msg_seq, src, msg_op = _PREFIX.unpack_from(head)
-        if msg_seq != seq:
-            assert msg_seq > seq, f"rank {src} sent op #{msg_seq} after this rank finished it"
-            assert (msg_seq, src) not in self._stash, f"rank {src} sent op #{msg_seq} twice"
-            self._stash[(msg_seq, src)] = frames
-            return None
-        self._check_op(seq, op, src, msg_op)
-        assert src in waiting, f"rank {src} sent op #{seq} twice"
-        return frames
+        while True:
+            frames = [self._inbox.recv(copy=False)]
+            while frames[-1].more:
+                frames.append(self._inbox.recv(copy=False))
+            head = frames[0].buffer
+            if len(head) < _HEAD.size:
+                raise ValueError(f"malformed mesh message ({len(head)} byte head)")
+            msg_seq, src, msg_op, _ = _HEAD.unpack_from(head)
+            if msg_op != _ACK:
+                return msg_seq, src, msg_op, frames
+            if self._shm is None:
+                raise ValueError(f"rank {src} acked shared memory over tcp://")
+            self._shm.on_ack(src, msg_seq)  # an ack's seq field holds the arena id
+
+    def _keep(self, msg_seq: int, src: int, frames: Frames) -> None:
+        """Keep a fast peer's message for an op this rank has not started yet."""
+        assert msg_seq >= self._seq, f"rank {src} sent op #{msg_seq}, which this rank ended"
+        assert (msg_seq, src) not in self._stash, f"rank {src} sent op #{msg_seq} twice"
+        self._stash[(msg_seq, src)] = frames
 
     def _check_op(self, seq: int, op: int, src: int, msg_op: int) -> None:
-        assert msg_op == op, (
+        assert msg_op & ~_IN_SHM == op, (
             f"collective #{seq}: rank {self.rank} runs {_OP_NAMES[op]} but rank {src} runs "
-            f"{_OP_NAMES[msg_op]}; every rank must call the same collectives in the same order"
+            f"{_OP_NAMES[msg_op & ~_IN_SHM]}; all ranks must call the same collectives in the "
+            "same order"
         )
 
+    def _send_large(self, seq: int, op: int, dst: int, header: bytes, data: np.ndarray):
+        """Send a tensor too big to inline: by shared memory if possible, else as a frame."""
+        if self._shm is not None:
+            ref = self._shm.write(dst, torch.from_numpy(data.reshape(-1).view(np.uint8)))
+            if ref is not None:  # else every arena for dst is still held: send the bytes
+                head = _HEAD.pack(seq, self.rank, op | _IN_SHM, len(header)) + header
+                return self._outboxes[dst].send_multipart((head, ref))
+        head = _HEAD.pack(seq, self.rank, op, len(header)) + header
+        return self._outboxes[dst].send_multipart((head, data), copy=False, track=True)
+
     def _exchange(
-        self, op: int, sends: list[tuple[int, bytes, object]], sources: list[int]
+        self, op: int, sends: list[tuple[int, bytes, np.ndarray]], sources: list[int]
     ) -> dict[int, Frames]:
         """Send every (dst, tensor header, data) message, then receive one from each source."""
-        seq = self._next_seq()
-        prefix = _PREFIX.pack(seq, self.rank, op)
+        seq, self._seq = self._seq, self._seq + 1
+        if self._shm is not None:
+            for src, arena_id in self._shm.take_acks():
+                self._outboxes[src].send(_HEAD.pack(arena_id, self.rank, _ACK, 0))
         trackers = []
-        for dst, header, data in sends:
-            try:
-                tracker = self._outboxes[dst].send_multipart(
-                    (prefix + header, data), copy=False, track=True
-                )
-            except zmq.Again:  # the queue to dst stayed full for timeout_s
-                raise self._lost(seq, op, {dst}, "could not queue") from None
-            if not tracker.done:
-                trackers.append((dst, tracker))
-        received: dict[int, Frames] = {}
-        waiting = set(sources)
+        try:
+            for dst, header, data in sends:
+                if data.nbytes <= _INLINE_MAX_BYTES:  # one frame: head, header, bytes
+                    self._outboxes[dst].send(
+                        b"".join((_HEAD.pack(seq, self.rank, op, len(header)), header, data))
+                    )
+                    continue
+                tracker = self._send_large(seq, op, dst, header, data)
+                if tracker is not None and not tracker.done:
+                    trackers.append((dst, tracker))
+        except zmq.Again:  # a queue to dst stayed full for timeout_s
+            raise self._lost(seq, op, {dst}, "could not queue") from None
+        received = {}
         for src in sources:
             frames = self._stash.pop((seq, src), None)
             if frames is not None:
-                self._check_op(seq, op, src, _PREFIX.unpack_from(frames[0].buffer)[2])
+                self._check_op(seq, op, src, _HEAD.unpack_from(frames[0].buffer)[2])
                 received[src] = frames
-                waiting.discard(src)
-        while waiting:
+        while len(received) < len(sources):
             try:
-                frames = self._recv_one(seq, op, waiting)
+                msg_seq, src, msg_op, frames = self._recv_message()
             except zmq.Again:
-                raise self._lost(seq, op, waiting, "no message") from None
-            if frames is not None:
-                src = _PREFIX.unpack_from(frames[0].buffer)[1]
-                received[src] = frames
-                waiting.discard(src)
+                raise self._lost(seq, op, set(sources) - received.keys(), "nothing") from None
+            if msg_seq != seq:
+                self._keep(msg_seq, src, frames)
+                continue
+            assert src in sources and src not in received, f"rank {src} sent op #{seq} wrongly"
+            self._check_op(seq, op, src, msg_op)
+            received[src] = frames
         # NOTE: zero-copy sends read the caller's tensors; once the call returns they are free.
         for dst, tracker in trackers:
             try:
@@ -219,17 +220,24 @@ class ZmqMeshCollective(Collective):
     def _lost(self, seq: int, op: int, ranks: set[int], what: str) -> WorkerLost:
         self._broken = True
         missing = sorted(ranks)
-        return WorkerLost(
-            missing[0],
-            f"{what} {_OP_NAMES[op]} (op #{seq}) to/from ranks {missing} within {self.timeout_s}s",
-        )
+        detail = f"{what} from/to ranks {missing} in {_OP_NAMES[op]} #{seq} in {self.timeout_s}s"
+        return WorkerLost(missing[0], detail)
 
-    @staticmethod
-    def _tensor(frames: Frames) -> torch.Tensor:
-        if len(frames) != 2:
-            raise ValueError(f"malformed mesh message ({len(frames)} frames, expected 2)")
-        header = decode_header(frames[0].buffer[_PREFIX.size :])
-        return tensor_from_buffer(header, frames[1])
+    def _tensor(self, src: int, frames: Frames) -> torch.Tensor:
+        """Decode a received tensor: a view of the frame or of the sender's shared memory."""
+        head = frames[0].buffer
+        _, _, op, header_len = _HEAD.unpack_from(head)
+        end = _HEAD.size + header_len
+        header = decode_header(head[_HEAD.size : end])
+        if len(frames) == 1:
+            return tensor_from_buffer(header, head[end:])
+        if len(frames) != 2 or len(head) != end:
+            raise ValueError(f"malformed mesh message from rank {src}")
+        if not op & _IN_SHM:
+            return tensor_from_buffer(header, frames[1])
+        if self._shm is None:
+            raise ValueError(f"rank {src} sent a shared-memory reference over tcp://")
+        return tensor_from_buffer(header, self._shm.read(src, frames[1].buffer))
 
     def all_to_all_v(self, send: list[torch.Tensor]) -> list[torch.Tensor]:
         """See `Collective.all_to_all_v`."""
@@ -241,14 +249,14 @@ class ZmqMeshCollective(Collective):
         received = self._exchange(_ALL_TO_ALL, sends, peers)
         recv = [mine] * self.world_size
         for src, frames in received.items():
-            tensor = self._tensor(frames)
+            tensor = self._tensor(src, frames)
             if tensor.dtype != mine.dtype or tensor.shape[1:] != mine.shape[1:]:
                 raise ValueError(
                     f"all_to_all_v: rank {src} sent {tensor.dtype}{list(tensor.shape)}, "
                     f"rank {self.rank} sends {mine.dtype}{list(mine.shape)}; dtype and "
                     "trailing dims must match"
                 )
-            recv[src] = tensor.to(mine.device)
+            recv[src] = _to_device_of(tensor, mine)
         return recv
 
     def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
@@ -258,7 +266,7 @@ class ZmqMeshCollective(Collective):
         received = self._exchange(_ALL_GATHER, [(dst, header, data) for dst in peers], peers)
         gathered = [tensor] * self.world_size
         for src, frames in received.items():
-            gathered[src] = self._tensor(frames).to(tensor.device)
+            gathered[src] = _to_device_of(self._tensor(src, frames), tensor)
         return gathered
 
     def ring_send_recv(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -267,33 +275,24 @@ class ZmqMeshCollective(Collective):
             return tensor
         nxt, prev = (self.rank + 1) % self.world_size, (self.rank - 1) % self.world_size
         received = self._exchange(_RING, [(nxt, *encode_tensor(tensor))], [prev])
-        return self._tensor(received[prev]).to(tensor.device)
+        return _to_device_of(self._tensor(prev, received[prev]), tensor)
 
     def barrier(self) -> None:
         """See `Collective.barrier`."""
         if self.world_size > 1:
             peers = self._peers()
-            self._exchange(_BARRIER, [(dst, b"", b"") for dst in peers], peers)
+            self._exchange(_BARRIER, [(dst, b"", _EMPTY) for dst in peers], peers)
 
     def close(self) -> None:
         """Close the sockets, remove this rank's socket file and the directory once empty."""
-        linger_ms = 0 if self._broken else None
-        for i, outbox in enumerate(self._outboxes):
-            if outbox is not None:
-                outbox.close(linger=linger_ms)
-                self._outboxes[i] = None
-        if self._inbox is not None:
-            self._inbox.close(linger=linger_ms)
-            self._inbox = None
-        if self._auth is not None:
-            self._auth.stop()
-            self._auth = None
-        if self._ctx is not None:
-            self._ctx.term()
-            self._ctx = None
+        if self._sockets is not None:
+            self._sockets.close(linger_ms=0 if self._broken else None)
+            self._sockets = None
+        if self._shm is not None:
+            self._shm.close(wait_s=0 if self._broken else min(self.timeout_s, 2.0))
+            self._shm = None
         if self._endpoints:
-            ep.remove_socket_file(self._endpoints[self.rank])
+            ms.remove_socket_file(self._endpoints[self.rank])
         if self._socket_dir is not None:
-            ep.remove_dir_if_empty(self._socket_dir)
+            ms.remove_dir_if_empty(self._socket_dir)
             self._socket_dir = None
-

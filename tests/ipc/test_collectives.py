@@ -7,6 +7,7 @@ raise WorkerLost naming it within a few seconds.
 
 from __future__ import annotations
 
+import glob
 import multiprocessing as mp
 import os
 import queue
@@ -21,7 +22,8 @@ import pytest
 import torch
 
 from titanserve.ipc.collectives import Collective, create_collective
-from titanserve.ipc.collectives.mesh_endpoints import make_socket_dir
+from titanserve.ipc.collectives.mesh_sockets import ipc_endpoints, make_socket_dir
+from titanserve.ipc.collectives.shm_lane import arena_prefix
 from titanserve.ipc.errors import WorkerLost
 
 REPO_ROOT = str(Path(__file__).resolve().parents[2])
@@ -118,6 +120,15 @@ def exercise(rank: int, coll: Collective, die_rank: int | None) -> dict[str, Any
     big = coll.all_to_all_v([torch.full((big_rows, 4), float(rank * world + dst))
                              for dst in range(world)])  # fmt: skip
     result["a2a_big"] = [(t.shape[0], t.min().item(), t.max().item()) for t in big]
+    held = [  # more results held than a peer has arenas: the rest travel as frames
+        coll.all_to_all_v([torch.full((1 << 16,), float(100 * k + rank * world + dst))
+                           for dst in range(world)])
+        for k in range(6)
+    ]  # fmt: skip
+    result["held"] = [[(t.shape[0], t[0].item(), t[-1].item()) for t in recv] for recv in held]
+    del held  # releases the arenas; the next ops ack them and the lane grows for 3 MiB
+    grown = coll.all_to_all_v([torch.full((3 << 18,), float(rank + dst)) for dst in range(world)])
+    result["grown"] = [(t.shape[0], t.min().item(), t.max().item()) for t in grown]
     for step in range(20):  # back-to-back ops: fast ranks run ahead of slow ones
         got = coll.all_to_all_v([torch.tensor([step, rank, dst]) for dst in range(world)])
         assert [t.tolist() for t in got] == [[step, src, rank] for src in range(world)]
@@ -152,6 +163,11 @@ def check_results(results: dict[int, Any], world: int, die_rank: int | None) -> 
         assert res["a2a_empty"] == [[0, 4]] * world
         assert res["a2a_big"] == [(1 << 15, float(src * world + rank), float(src * world + rank))
                                   for src in range(world)]  # fmt: skip
+        assert res["held"] == [[(1 << 16, v, v) for v in (100.0 * k + src * world + rank
+                                                          for src in range(world))]
+                               for k in range(6)]  # fmt: skip
+        assert res["grown"] == [(3 << 18, float(src + rank), float(src + rank))
+                                for src in range(world)]  # fmt: skip
         assert res["gather"] == [list(torch.arange(src * 2).reshape(src, 2).tolist())
                                  for src in range(world)]  # fmt: skip
         prev = (rank - 1) % world
@@ -190,6 +206,8 @@ def test_collectives_on_real_processes(backend: str, world: int, fn, die_rank: i
     check_results(results, world, die_rank)
     if backend == "zmq":
         socket_dir = options["socket_dir"]
+        mesh_id = ipc_endpoints(socket_dir, world)[0]
+        assert glob.glob(arena_prefix("/dev/shm", mesh_id) + "*") == [], "leaked arenas"
         if die_rank is None:
             assert not os.path.exists(socket_dir), "close() must remove socket files and the dir"
         else:  # survivors removed theirs; the crashed rank's file is the launcher's to clean

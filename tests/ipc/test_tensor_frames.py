@@ -1,9 +1,13 @@
 """Tensor frames: round trips through real ZeroMQ frames, and garbage headers."""
 
+import itertools
+import warnings
+
 import msgspec
 import pytest
 import torch
 import zmq
+
 from titanserve.ipc.tensor_frames import (
     TensorHeader,
     decode_tensor,
@@ -12,13 +16,16 @@ from titanserve.ipc.tensor_frames import (
     tensor_from_buffer,
 )
 
+_endpoint_ids = itertools.count()
+
 
 def round_trip(tensor: torch.Tensor) -> torch.Tensor:
     """Send `tensor` over a real inproc PAIR socket (copy=False both ways) and decode it."""
     ctx = zmq.Context.instance()
+    endpoint = f"inproc://tensor-frames-{next(_endpoint_ids)}"  # a closed name frees lazily
     a, b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
-    a.bind("inproc://tensor-frames")
-    b.connect("inproc://tensor-frames")
+    a.bind(endpoint)
+    b.connect(endpoint)
     try:
         a.send_multipart(encode_tensor(tensor), copy=False)
         header, data = b.recv_multipart(copy=False)
@@ -71,6 +78,15 @@ def test_encode_does_not_copy_contiguous_tensor() -> None:
     tensor = torch.arange(64, dtype=torch.int64)
     _, data = encode_tensor(tensor)
     assert data.ctypes.data == tensor.data_ptr()
+
+
+def test_read_only_buffer_is_copied_not_shared() -> None:
+    header, data = encode_tensor(torch.arange(6, dtype=torch.int32).reshape(2, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns when it wraps read-only memory
+        out = decode_tensor(header, bytes(data))
+    out += 1  # writable: it owns a copy
+    assert out.tolist() == [[1, 2, 3], [4, 5, 6]]
 
 
 def test_misaligned_buffer_is_copied_to_aligned_memory() -> None:

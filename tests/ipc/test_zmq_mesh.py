@@ -13,7 +13,7 @@ import torch
 import zmq
 
 from titanserve.ipc.collectives import create_collective
-from titanserve.ipc.collectives.mesh_endpoints import CurveKeys, make_socket_dir
+from titanserve.ipc.collectives.mesh_sockets import CurveKeys, make_socket_dir
 from titanserve.ipc.collectives.zmq_mesh import ZmqMeshCollective
 from titanserve.ipc.errors import WorkerLost
 
@@ -38,10 +38,11 @@ def run_ranks(world: int, make: Callable[[int], Any], body: Callable[[int, Any],
     return results
 
 
-def ring_and_gather(rank: int, coll: ZmqMeshCollective) -> tuple[list, list]:
+def ring_and_gather(rank: int, coll: ZmqMeshCollective) -> tuple[list, list, list]:
     ring = coll.ring_send_recv(torch.tensor([rank, rank]))
     gathered = coll.all_gather(torch.full((rank,), rank))
-    return ring.tolist(), [t.tolist() for t in gathered]
+    big = coll.all_to_all_v([torch.full((1 << 19,), 10 * rank + dst) for dst in range(3)])
+    return ring.tolist(), [t.tolist() for t in gathered], [t.unique().tolist() for t in big]
 
 
 def test_tcp_mesh_with_curve_keys() -> None:
@@ -54,9 +55,10 @@ def test_tcp_mesh_with_curve_keys() -> None:
         lambda r: ZmqMeshCollective(r, 3, addresses=addresses, curve_keys=keys, timeout_s=5),
         ring_and_gather,
     )
-    for rank, (ring, gathered) in enumerate(results):
+    for rank, (ring, gathered, big) in enumerate(results):  # big: 4 MiB zero-copy frames
         assert ring == [(rank - 1) % 3] * 2
         assert gathered == [[], [1], [2, 2]]
+        assert big == [[10 * src + rank] for src in range(3)]
 
 
 def test_peer_with_unknown_curve_key_is_refused() -> None:

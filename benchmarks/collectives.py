@@ -1,0 +1,139 @@
+"""All-to-all latency: titanserve's ZeroMQ mesh vs gloo's all_to_all_single, same sizes, same run.
+
+    python benchmarks/collectives.py [--sizes-kib 4 64 1024 4096 16384] [--worlds 2 4]
+
+Each world size starts W processes that hold both a ZeroMQ mesh (ipc://) and a gloo process
+group, and time the two in alternation at every size: each rank sends `size` bytes to every
+peer per op (gloo into a preallocated output; the mesh returns new tensors). Prints µs per op
+(slowest rank, best of 3 rounds) and the ratio gloo/zmq.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import queue
+import socket
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from titanserve.ipc.collectives.mesh_sockets import make_socket_dir
+from titanserve.ipc.collectives.zmq_mesh import ZmqMeshCollective
+
+MIN_ITERS, MAX_ITERS, TARGET_S, ROUNDS = 5, 400, 0.15, 3
+
+
+def iterations(op) -> int:
+    """Iterations for about TARGET_S per round; every rank takes rank 0's count."""
+    for _ in range(3):  # warm up: connections, arenas, allocator
+        op()
+    dist.barrier()
+    start = time.perf_counter()
+    op()
+    once = max(time.perf_counter() - start, 1e-6)
+    count = torch.tensor([int(min(MAX_ITERS, max(MIN_ITERS, TARGET_S / once)))])
+    dist.broadcast(count, 0)
+    return int(count.item())
+
+
+def time_op(op, iters: int) -> float:
+    """Seconds per call of op(), run `iters` times in lockstep with the peers."""
+    dist.barrier()
+    start = time.perf_counter()
+    for _ in range(iters):
+        op()
+    return (time.perf_counter() - start) / iters
+
+
+def bench_size(mesh: ZmqMeshCollective, world: int, size: int) -> tuple[float, float]:
+    """(zmq, gloo) seconds per all-to-all of `size` bytes to every peer, checked equal.
+
+    The two alternate for ROUNDS rounds and each keeps its best round: on a shared machine,
+    other processes only ever add time.
+    """
+    send = torch.randn(world, size // 4)  # (W, n): row i goes to rank i
+    recv = torch.empty_like(send)
+    send_list = list(send.unbind(0))
+
+    def zmq_op() -> None:
+        mesh.all_to_all_v(send_list)
+
+    def gloo_op() -> None:
+        dist.all_to_all_single(recv, send)
+
+    zmq_iters, gloo_iters = iterations(zmq_op), iterations(gloo_op)
+    zmq_s = gloo_s = float("inf")
+    for _ in range(ROUNDS):
+        zmq_s = min(zmq_s, time_op(zmq_op, zmq_iters))
+        gloo_s = min(gloo_s, time_op(gloo_op, gloo_iters))
+    check = mesh.all_to_all_v(send_list)
+    dist.all_to_all_single(recv, send)
+    assert all(torch.equal(check[j], recv[j]) for j in range(world))
+    return zmq_s, gloo_s
+
+
+def run_rank(rank: int, world: int, socket_dir: str, port: int, sizes: list[int], out) -> None:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=timedelta(seconds=60))  # fmt: skip
+    mesh = ZmqMeshCollective(rank, world, socket_dir=socket_dir, timeout_s=60)
+    rows = [(size, *bench_size(mesh, world, size)) for size in sizes]
+    mesh.close()
+    dist.destroy_process_group()
+    out.put((rank, rows))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def bench_world(world: int, sizes: list[int]) -> list[tuple[int, float, float]]:
+    """Per size: (size, zmq seconds, gloo seconds), each the slowest rank's."""
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    args = (world, make_socket_dir(), free_port(), sizes, out)
+    procs = [ctx.Process(target=run_rank, args=(rank, *args)) for rank in range(world)]
+    for proc in procs:
+        proc.start()
+    per_rank: dict[int, list] = {}
+    while len(per_rank) < world:
+        try:
+            rank, rows = out.get(timeout=1)
+            per_rank[rank] = rows
+        except queue.Empty:
+            if any(proc.exitcode not in (None, 0) for proc in procs):
+                for proc in procs:
+                    proc.kill()
+                raise SystemExit("a benchmark process failed; see its traceback above") from None
+    for proc in procs:
+        proc.join()
+    return [
+        (size, max(per_rank[r][i][1] for r in range(world)),
+         max(per_rank[r][i][2] for r in range(world)))
+        for i, size in enumerate(sizes)
+    ]  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes-kib", type=int, nargs="+", default=[4, 64, 1024, 4096, 16384])
+    parser.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
+    args = parser.parse_args()
+    sizes = [kib * 1024 for kib in args.sizes_kib]
+    print(f"all-to-all, bytes per peer; {os.cpu_count()} CPU cores; µs per op, slowest rank")
+    print(f"{'W':>2} {'per peer':>9} {'zmq µs':>9} {'gloo µs':>9} {'gloo/zmq':>9}")
+    for world in args.worlds:
+        for size, zmq_s, gloo_s in bench_world(world, sizes):
+            label = f"{size // 1024} KiB" if size < 1 << 20 else f"{size >> 20} MiB"
+            print(f"{world:>2} {label:>9} {zmq_s * 1e6:>9.0f} {gloo_s * 1e6:>9.0f} "
+                  f"{gloo_s / zmq_s:>8.2f}x", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
