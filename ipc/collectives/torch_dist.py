@@ -59,12 +59,16 @@ class TorchDistCollective(Collective):
         self._heartbeat = threading.Thread(target=self._beat, name="collective-heartbeat",
                                            daemon=True)
         self._heartbeat.start()
-        self._join(connect_timeout_s)
-        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(
-            backend, store=dist.PrefixStore("pg", self._store), rank=rank,
-            world_size=world_size, timeout=timedelta(seconds=timeout_s),
-        )
+        try:
+            self._join(connect_timeout_s)
+            backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+            dist.init_process_group(
+                backend, store=dist.PrefixStore("pg", self._store), rank=rank,
+                world_size=world_size, timeout=timedelta(seconds=timeout_s),
+            )
+        except BaseException:
+            self._stop.set()
+            raise
         self._open = True
         self._broken = False  # after WorkerLost, close() skips the goodbye through the store
 
