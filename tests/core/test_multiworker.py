@@ -177,3 +177,23 @@ def test_garbage_on_either_socket_is_dropped_and_serving_continues(tmp_path_fact
         stranger.close(linger=500)
         again = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=4, temperature=0))
         assert again[0].token_ids == expected[0].token_ids
+
+
+def test_oversized_message_to_the_engine_is_refused_and_serving_continues(
+    tmp_path_factory, monkeypatch
+):
+    import zmq
+
+    from titanserve.core import multiproc_executor
+
+    monkeypatch.setattr(multiproc_executor, "MAX_CONTROL_MESSAGE_BYTES", 1 << 20)
+    path = tiny("mixtral", tmp_path_factory)
+    with LLM(path, num_workers=2, progress=False) as llm:
+        expected = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=4, temperature=0))
+        stranger = zmq.Context.instance().socket(zmq.DEALER)
+        stranger.setsockopt(zmq.IDENTITY, b"w7")
+        stranger.connect(f"ipc://{llm.engine.executor.run_dir}/engine")
+        stranger.send(b"\x00" * (2 << 20))  # over the limit: ZeroMQ drops the connection
+        stranger.close(linger=500)
+        again = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=4, temperature=0))
+        assert again[0].token_ids == expected[0].token_ids
