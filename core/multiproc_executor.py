@@ -130,7 +130,8 @@ class MultiProcExecutor:
                 results[rank] = (msg, logits)
                 pending -= 1
         self.step_time_s += time.perf_counter() - t0
-        self.compute_time_s += max(r.compute_time_s for r, _ in results)
+        # model compute = the slowest worker's step minus its time inside collectives
+        self.compute_time_s += max(r.compute_time_s - r.comm_time_s for r, _ in results)
         return results
 
     def _await_ready(self) -> None:
@@ -172,7 +173,7 @@ class MultiProcExecutor:
     # ------------------------------------------------------------------ lifecycle
     @property
     def overhead_fraction(self) -> float:
-        """Share of step wall time spent outside the slowest worker's model compute."""
+        """Share of step wall time outside model compute: scheduling, IPC, collectives."""
         if self.step_time_s == 0:
             return 0.0
         return max(0.0, 1.0 - self.compute_time_s / self.step_time_s)

@@ -78,9 +78,10 @@ def worker_main(config_json: str, model_path: str, rank: int, run_dir: str, comm
             progress=config.progress and rank == 0,
         )
         experts = 0
+        exchange = ExpertParallel(collective, placement)  # shared by every MoE layer
         for module in runner.model.modules():
             if isinstance(module, MoELayer):
-                module.exchange = ExpertParallel(collective, placement)
+                module.exchange = exchange
                 experts += module.w_gate_up.numel() + module.w_down.numel()
         runner.lockstep = True
         sock.send(
@@ -93,7 +94,7 @@ def worker_main(config_json: str, model_path: str, rank: int, run_dir: str, comm
                 )
             )
         )
-        _serve(sock, runner, rank, encoder)
+        _serve(sock, runner, rank, encoder, exchange)
     except WorkerLost as e:
         sock.send(
             encoder.encode(WorkerError(rank=rank, message=str(e), fatal=True, lost_rank=e.rank))
@@ -109,7 +110,9 @@ def worker_main(config_json: str, model_path: str, rank: int, run_dir: str, comm
         ctx.term()
 
 
-def _serve(sock: zmq.Socket, runner: ModelRunner, rank: int, encoder) -> None:
+def _serve(
+    sock: zmq.Socket, runner: ModelRunner, rank: int, encoder, exchange: ExpertParallel
+) -> None:
     decoder = msgspec.msgpack.Decoder(ToWorker)
     parent = os.getppid()
     while True:
@@ -126,7 +129,9 @@ def _serve(sock: zmq.Socket, runner: ModelRunner, rank: int, encoder) -> None:
         if isinstance(msg, Shutdown):
             return
         assert isinstance(msg, StepPlan)
+        exchange.comm_time_s = 0.0
         result, logits = runner.execute(msg)
+        result.comm_time_s = exchange.comm_time_s
         if logits is None:
             sock.send(encoder.encode(result))
         else:

@@ -60,7 +60,8 @@ class SeqResult(Struct):
 class StepResult(Struct):
     step_id: int
     seqs: list[SeqResult]
-    compute_time_s: float = 0.0
+    compute_time_s: float = 0.0  # the worker's whole execute, collectives included
+    comm_time_s: float = 0.0  # of which inside MoE all-to-alls
 
 
 # ---------------------------------------------------------------- worker lifecycle

@@ -6,6 +6,7 @@ Legend: T local tokens, K top-k, H hidden, P = T*K pairs, N pairs received, W wo
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import torch
@@ -27,6 +28,13 @@ class ExpertParallel:
         assert collective.world_size == placement.world_size
         self.collective = collective
         self.owner = placement.owner_tensor()  # (E,) worker of each expert
+        self.comm_time_s = 0.0  # time inside the all-to-alls, summed until reset by the worker
+
+    def _all_to_all(self, parts: list[torch.Tensor]) -> list[torch.Tensor]:
+        t0 = time.perf_counter()
+        out = self.collective.all_to_all_v(parts)
+        self.comm_time_s += time.perf_counter() - t0
+        return out
 
     def __call__(
         self,
@@ -47,15 +55,15 @@ class ExpertParallel:
         send_meta = torch.stack(
             [flat_ids[order].float(), weights.reshape(-1)[order].float()], dim=1
         )  # (P, 2)
-        recv_x = self.collective.all_to_all_v(list(send_x.split(send_counts)))
-        recv_meta = self.collective.all_to_all_v(list(send_meta.split(send_counts)))
+        recv_x = self._all_to_all(list(send_x.split(send_counts)))
+        recv_meta = self._all_to_all(list(send_meta.split(send_counts)))
         recv_counts = [t.shape[0] for t in recv_x]
         rx = torch.cat(recv_x)  # (N, H)
         rmeta = torch.cat(recv_meta)  # (N, 2)
         expert_out = compute(
             rx, rmeta[:, 1:2].to(x.dtype), rmeta[:, 0:1].long()
         )  # (N, H), already scaled by the router weight
-        back = self.collective.all_to_all_v(list(expert_out.split(recv_counts)))
+        back = self._all_to_all(list(expert_out.split(recv_counts)))
         # the top-k sum runs in fp32, as in the single-worker grouped compute
         out = torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device)  # (T, H)
         out.index_add_(0, token_of_pair, torch.cat(back).float())
