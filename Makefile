@@ -4,6 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: install test test-all demo bench lint clean
 
@@ -29,7 +30,7 @@ demo: $(STAMP)
 	$(BIN)/python -m titanserve.launcher.demo
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/throughput.py
+	$(BIN)/python benchmarks/throughput.py $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/pip install -q ruff && $(BIN)/ruff check .
