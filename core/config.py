@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -92,7 +92,6 @@ class ModelConfig:
     moe_layers: tuple[int, ...] = ()
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
-    expert_tensor_style: str = field(default="mlp", compare=False)
 
     @property
     def is_moe(self) -> bool:

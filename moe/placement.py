@@ -47,6 +47,3 @@ class ExpertPlacement:
 
     def owner_tensor(self, device: torch.device | str = "cpu") -> torch.Tensor:
         return torch.tensor(self.owner, dtype=torch.int64, device=device)
-
-    def local_tensor(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        return torch.tensor(self.local, dtype=torch.int64, device=device)
