@@ -66,21 +66,16 @@ def _titanserve_once(path: Path, requests: list[Request], workers: int, dtype: s
             SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for _, n in requests
         ]
         llm.generate([requests[0][0][:16]], params[0])  # warm-up (one-time costs)
-        executor = llm.engine.executor
-        for name in ("step_time_s", "compute_time_s"):  # count the timed run only
-            if hasattr(executor, name):
-                setattr(executor, name, 0.0)
+        llm.engine.step_time_s = llm.engine.compute_time_s = 0.0  # count the timed run only
         start = time.perf_counter()
         outputs = llm.generate([p for p, _ in requests], params)
         elapsed = time.perf_counter() - start
-        overhead = getattr(executor, "overhead_fraction", None)  # property or method
-        if callable(overhead):
-            overhead = overhead()
+        overhead = llm.engine.overhead_fraction
         return {
             "elapsed_s": elapsed,
             "tokens": sum(len(o.token_ids) for o in outputs),
             "token_ids": [o.token_ids for o in outputs],
-            "overhead": overhead if workers > 1 else None,
+            "overhead": overhead,
         }
     finally:
         llm.shutdown()

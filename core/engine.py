@@ -7,6 +7,7 @@ beyond handing returned logits to the caller.
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,6 +89,8 @@ class Engine:
             ],
         )
         self.trackers: dict[str, _Tracker] = {}
+        self.step_time_s = 0.0  # wall time inside step(), and of it the model's compute
+        self.compute_time_s = 0.0
         self._ids = itertools.count()
 
     def _make_executor(self):
@@ -165,6 +168,20 @@ class Engine:
 
     # ------------------------------------------------------------------ the loop
     def step(self) -> list[StepDelta]:
+        t0 = time.perf_counter()
+        deltas = self._step()
+        self.step_time_s += time.perf_counter() - t0
+        return deltas
+
+    @property
+    def overhead_fraction(self) -> float:
+        """Share of step wall time outside model compute: scheduling, IPC, collectives,
+        output processing (model compute = the slowest worker's, its all-to-alls excluded)."""
+        if self.step_time_s == 0:
+            return 0.0
+        return max(0.0, 1.0 - self.compute_time_s / self.step_time_s)
+
+    def _step(self) -> list[StepDelta]:
         out = self.scheduler.schedule()
         if not out.scheduled:
             if self.scheduler.waiting and not self.scheduler.running:
@@ -179,6 +196,7 @@ class Engine:
                 )
             return []
         results = self.executor.execute(out.plans)
+        self.compute_time_s += max(r.compute_time_s - r.comm_time_s for r, _ in results)
         sampled: dict[str, int] = {}
         for result, logits in results:
             for seq in result.seqs:

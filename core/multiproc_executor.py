@@ -99,8 +99,6 @@ class MultiProcExecutor:
         self._finalizer = weakref.finalize(self, _reap, self.procs, self.run_dir)
         atexit.register(self._finalizer)
         self.workers: list[WorkerReady] = [None] * self.world_size  # type: ignore[list-item]
-        self.step_time_s = 0.0
-        self.compute_time_s = 0.0
         try:
             self._await_ready()
         except BaseException:
@@ -118,7 +116,6 @@ class MultiProcExecutor:
             raise
 
     def _execute(self, plans: list[StepPlan]) -> list[tuple[StepResult, torch.Tensor | None]]:
-        t0 = time.perf_counter()
         for rank, plan in enumerate(plans):
             self.sock.send_multipart([f"w{rank}".encode(), self.encoder.encode(plan)])
         results: list = [None] * self.world_size
@@ -129,9 +126,6 @@ class MultiProcExecutor:
                 logits = decode_tensor(frames[0], frames[1]) if len(frames) >= 2 else None
                 results[rank] = (msg, logits)
                 pending -= 1
-        self.step_time_s += time.perf_counter() - t0
-        # model compute = the slowest worker's step minus its time inside collectives
-        self.compute_time_s += max(r.compute_time_s - r.comm_time_s for r, _ in results)
         return results
 
     def _await_ready(self) -> None:
@@ -171,13 +165,6 @@ class MultiProcExecutor:
                 raise WorkerLost(rank, f"process exited with code {p.returncode}")
 
     # ------------------------------------------------------------------ lifecycle
-    @property
-    def overhead_fraction(self) -> float:
-        """Share of step wall time outside model compute: scheduling, IPC, collectives."""
-        if self.step_time_s == 0:
-            return 0.0
-        return max(0.0, 1.0 - self.compute_time_s / self.step_time_s)
-
     def shutdown(self) -> None:
         if self._closed:
             return

@@ -299,3 +299,12 @@ def test_options_that_do_nothing_yet_are_refused_not_ignored(tiny_model):
         make_llm(tiny_model(FAMILY), sp_threshold=1024)
     with pytest.raises(ConfigError, match="unknown engine option"):
         make_llm(tiny_model(FAMILY), max_num_seq=4)
+
+
+def test_engine_accounts_step_time_and_model_compute(tiny_model, random_prompts):
+    prompts = random_prompts([12, 30], seed=14)
+    with make_llm(tiny_model(FAMILY)) as llm:
+        llm.generate(prompts, greedy(max_tokens=8))
+        engine = llm.engine
+        assert 0.0 < engine.compute_time_s <= engine.step_time_s
+        assert 0.0 <= engine.overhead_fraction < 1.0
