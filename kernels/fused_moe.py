@@ -76,7 +76,7 @@ def fused_moe_torch(
                          f"{E_local} are here; pass expert_map (global -> local or -1)")
     tokens = pairs // K  # (P,)
     weights = topk_weights.reshape(-1)[pairs].float()  # (P,)
-    xs = x[tokens]  # (P, H)
+    xs = x.index_select(0, tokens)  # (P, H)
     ys = torch.empty(len(pairs), H, dtype=torch.float32, device=x.device)  # (P, H)
     start = 0
     for e, n in enumerate(counts):
@@ -94,7 +94,7 @@ def fused_moe_torch(
         ys[rows] = y * weights[rows, None]
     # Each (token, k) pair owns one row: scatter without accumulation, then sum over k.
     per_pair = torch.zeros(T * K, H, dtype=torch.float32, device=x.device)  # (T*K, H)
-    per_pair[pairs] = ys
+    per_pair.index_copy_(0, pairs, ys)
     return per_pair.view(T, K, H).sum(dim=1).to(x.dtype)  # (T, H)
 
 

@@ -35,9 +35,10 @@ def paged_decode_attn_torch(
     B, Hq, D = q.shape
     Hk = k_cache.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    tables = block_tables.long()
-    k = k_cache[tables].flatten(1, 2)  # (B, L, Hk, D)
-    v = v_cache[tables].flatten(1, 2)  # (B, L, Hk, D)
+    flat = block_tables.long().flatten()  # index_select: several times faster than k_cache[t]
+    L = block_tables.shape[1] * k_cache.shape[1]
+    k = k_cache.index_select(0, flat).view(B, L, Hk, D)  # (B, L, Hk, D)
+    v = v_cache.index_select(0, flat).view(B, L, Hk, D)  # (B, L, Hk, D)
     if q.device.type == "cpu" and B > 0 and k.shape[1] > 0:
         return _cpu_flash_decode(q, k, v, context_lens, scale)
     qg = q.reshape(B, Hk, Hq // Hk, D).float()  # (B, Hk, G, D)

@@ -86,8 +86,8 @@ class Attention(nn.Module):
         ops.rotary(q, k, meta.positions, cos_sin)
 
         k_cache, v_cache = kv_cache[0], kv_cache[1]  # (num_blocks, block_size, Hk, D)
-        k_cache.view(-1, self.num_kv_heads, self.head_dim)[meta.slot_mapping] = k
-        v_cache.view(-1, self.num_kv_heads, self.head_dim)[meta.slot_mapping] = v
+        k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, k)
+        v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, v)
 
         out = torch.empty_like(q)  # (T, Hq, D)
         nd = meta.num_decode_tokens
@@ -105,8 +105,10 @@ class Attention(nn.Module):
             if chunk.context_len == chunk.num_tokens:  # nothing cached before: use k, v as is
                 keys, values = k[rows], v[rows]
             else:
-                keys = k_cache[chunk.block_ids].flatten(0, 1)[: chunk.context_len]  # (C, Hk, D)
-                values = v_cache[chunk.block_ids].flatten(0, 1)[: chunk.context_len]
+                keys = k_cache.index_select(0, chunk.block_ids).flatten(0, 1)[: chunk.context_len]
+                values = v_cache.index_select(0, chunk.block_ids).flatten(0, 1)[
+                    : chunk.context_len
+                ]  # (C, Hk, D)
             out[rows] = ops.flash_attn_fwd(
                 q[rows],
                 keys,
