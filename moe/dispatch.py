@@ -14,6 +14,9 @@ import torch
 from titanserve.ipc.collectives import Collective
 from titanserve.moe.placement import ExpertPlacement
 
+# Largest integer each dtype holds exactly (and so the largest expert count packable in it).
+_EXACT_IDS = {torch.float32: 2**24, torch.bfloat16: 2**8, torch.float16: 2**11}
+
 ExpertCompute = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -50,18 +53,31 @@ class ExpertParallel:
         order = torch.argsort(dest, stable=True)  # pairs grouped by destination worker
         send_counts = torch.bincount(dest, minlength=W).tolist()
         token_of_pair = order // K  # (P,)
-        send_x = x[token_of_pair]  # (P, H)
-        # expert id and weight travel together; fp32 holds ids < 2**24 exactly
-        send_meta = torch.stack(
-            [flat_ids[order].float(), weights.reshape(-1)[order].float()], dim=1
+        H = x.shape[1]
+        # One message per peer: rows of [hidden | expert id | router weight]. The weight is
+        # already in x.dtype; the id is exact in it while E <= _EXACT_IDS[dtype], else the id
+        # and weight ride in a second (fp32) exchange.
+        packed = self.owner.numel() <= _EXACT_IDS.get(x.dtype, 0)
+        meta = torch.stack(
+            [
+                flat_ids[order].to(x.dtype if packed else torch.float32),
+                weights.reshape(-1)[order].to(x.dtype if packed else torch.float32),
+            ],
+            dim=1,
         )  # (P, 2)
-        recv_x = self._all_to_all(list(send_x.split(send_counts)))
-        recv_meta = self._all_to_all(list(send_meta.split(send_counts)))
-        recv_counts = [t.shape[0] for t in recv_x]
-        rx = torch.cat(recv_x)  # (N, H)
-        rmeta = torch.cat(recv_meta)  # (N, 2)
+        rows = x.index_select(0, token_of_pair)  # (P, H)
+        if packed:
+            recv = self._all_to_all(list(torch.cat([rows, meta], dim=1).split(send_counts)))
+            recv_counts = [t.shape[0] for t in recv]
+            received = torch.cat(recv)  # (N, H + 2)
+            rx, rmeta = received[:, :H], received[:, H:]
+        else:
+            recv_x = self._all_to_all(list(rows.split(send_counts)))
+            recv_meta = self._all_to_all(list(meta.split(send_counts)))
+            recv_counts = [t.shape[0] for t in recv_x]
+            rx, rmeta = torch.cat(recv_x), torch.cat(recv_meta)  # (N, H), (N, 2)
         expert_out = compute(
-            rx, rmeta[:, 1:2].to(x.dtype), rmeta[:, 0:1].long()
+            rx.contiguous(), rmeta[:, 1:2].to(x.dtype), rmeta[:, 0:1].long()
         )  # (N, H), already scaled by the router weight
         back = self._all_to_all(list(expert_out.split(recv_counts)))
         # the top-k sum runs in fp32, as in the single-worker grouped compute
