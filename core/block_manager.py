@@ -83,6 +83,7 @@ class BlockManager:
         for block in cached_blocks:
             self._ref(block)
         request.block_ids = list(cached_blocks)
+        request.num_published_blocks = len(cached_blocks)  # already in the index
         self.append(request, num_tokens)
 
     def can_append(self, request: Request, num_tokens: int) -> bool:
@@ -106,6 +107,7 @@ class BlockManager:
             if self.ref_counts[block] == 0:
                 self.free_blocks[block] = None
         request.block_ids = []
+        request.num_published_blocks = 0
 
     def cache_full_blocks(self, request: Request) -> None:
         """Publish the request's computed full blocks in the prefix index."""
@@ -114,7 +116,7 @@ class BlockManager:
         num_full = min(request.num_computed_tokens // self.block_size, len(request.block_ids))
         hashes = self._hashes(request)
         bs = self.block_size
-        for i in range(num_full):
+        for i in range(request.num_published_blocks, num_full):
             block = request.block_ids[i]
             if self.block_hash[block] is not None:
                 continue
@@ -124,6 +126,7 @@ class BlockManager:
             self.block_hash[block] = h
             self.block_tokens[block] = tuple(request.all_token_ids[i * bs : (i + 1) * bs])
             self.hash_to_block[h] = block
+        request.num_published_blocks = max(request.num_published_blocks, num_full)
 
     def reset_prefix_cache(self) -> None:
         for block in list(self.hash_to_block.values()):

@@ -37,6 +37,7 @@ class Request:
         self.worker: int | None = None  # data-parallel rank holding this request's KV
         self.block_ids: list[int] = []
         self.block_hashes: list[int] = []  # chain hashes of the full blocks, filled lazily
+        self.num_published_blocks = 0  # leading blocks already offered to the prefix index
         self.num_preemptions = 0
         self.needs_reset = True  # next chunk carries a NewRequest (first time, or recompute)
         self.finish_reason: str | None = None

@@ -37,7 +37,7 @@ from titanserve.moe.placement import ExpertPlacement
 PARENT_CHECK_S = 1.0
 
 
-def collective_options(config: EngineConfig, run_dir: str, rank: int, port: int) -> dict:
+def collective_options(config: EngineConfig, run_dir: str, port: int) -> dict:
     if config.comm == "zmq":
         return {"socket_dir": os.path.join(run_dir, "mesh")}
     return {"init_method": f"tcp://127.0.0.1:{port}"}
@@ -63,7 +63,7 @@ def worker_main(config_json: str, model_path: str, rank: int, run_dir: str, comm
         model_cfg = ModelConfig.from_hf(model_path)
         placement = ExpertPlacement.contiguous(model_cfg.num_experts, world, rank)
         collective = create_collective(
-            config.comm, rank, world, **collective_options(config, run_dir, rank, comm_port)
+            config.comm, rank, world, **collective_options(config, run_dir, comm_port)
         )
         runner = ModelRunner(
             Path(model_path),
