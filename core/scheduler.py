@@ -80,9 +80,9 @@ class Scheduler:
         scheduled: list[ScheduledSeq] = []
         preempted: list[Request] = []
 
-        pending = list(self.running)
+        pending = deque(self.running)
         while pending:
-            request = pending.pop(0)
+            request = pending.popleft()
             w = request.worker
             num_new = min(request.num_tokens - request.num_computed_tokens, budgets[w])
             if num_new <= 0:
