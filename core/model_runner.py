@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from titanserve.core.config import ModelConfig
+from titanserve.core.cpu_malloc import tune_malloc
 from titanserve.core.model.attention import AttentionMetadata, PrefillChunk
 from titanserve.core.model.decoder import DecoderModel
 from titanserve.core.model.loader import load_weights
@@ -40,6 +41,8 @@ class ModelRunner:
         progress: bool = True,
     ) -> None:
         device = device or torch.device("cpu")
+        if device.type == "cpu":
+            tune_malloc()
         self.cfg, self.dtype, self.device = cfg, dtype, device
         self.block_size, self.num_blocks = block_size, num_blocks
         previous = torch.get_default_dtype()
@@ -50,16 +53,19 @@ class ModelRunner:
         finally:
             torch.set_default_dtype(previous)
         load_weights(self.model, model_path, placement, progress=progress)
+        # Head-major in memory, (L, 2, Hk, num_blocks, block_size, D), so that gathering a
+        # batch's pages gives (Hk, B, L, D), what batched matmuls want; everything else sees
+        # the logical (L, 2, num_blocks, block_size, Hk, D) through this permuted view.
         self.kv_caches = torch.zeros(
             cfg.num_layers,
             2,
+            cfg.num_kv_heads,
             num_blocks,
             block_size,
-            cfg.num_kv_heads,
             cfg.head_dim,
             dtype=dtype,
             device=device,
-        )
+        ).permute(0, 1, 3, 4, 2, 5)
         self.sampler = Sampler(seed)
         self.lockstep = False  # set by a worker whose layers run collectives
         self.states: dict[str, SamplingState] = {}

@@ -13,6 +13,7 @@ from torch import nn
 
 from titanserve.core.config import ModelConfig
 from titanserve.kernels import ops
+from titanserve.kernels.paged_decode import gather_pages
 
 
 @dataclass
@@ -71,7 +72,7 @@ class Attention(nn.Module):
         self,
         x: torch.Tensor,  # (T, H)
         meta: AttentionMetadata,
-        kv_cache: torch.Tensor,  # (2, num_blocks, block_size, Hk, D)
+        kv_cache: torch.Tensor,  # (2, num_blocks, block_size, Hk, D), head-major in memory
         cos_sin: torch.Tensor,  # (max_pos, R)
     ) -> torch.Tensor:
         T = x.shape[0]
@@ -86,8 +87,8 @@ class Attention(nn.Module):
         ops.rotary(q, k, meta.positions, cos_sin)
 
         k_cache, v_cache = kv_cache[0], kv_cache[1]  # (num_blocks, block_size, Hk, D)
-        k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, k)
-        v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, v)
+        k_cache.flatten(0, 1).index_copy_(0, meta.slot_mapping, k)  # a view in any layout
+        v_cache.flatten(0, 1).index_copy_(0, meta.slot_mapping, v)
 
         out = torch.empty_like(q)  # (T, Hq, D)
         nd = meta.num_decode_tokens
@@ -105,10 +106,9 @@ class Attention(nn.Module):
             if chunk.context_len == chunk.num_tokens:  # nothing cached before: use k, v as is
                 keys, values = k[rows], v[rows]
             else:
-                keys = k_cache.index_select(0, chunk.block_ids).flatten(0, 1)[: chunk.context_len]
-                values = v_cache.index_select(0, chunk.block_ids).flatten(0, 1)[
-                    : chunk.context_len
-                ]  # (C, Hk, D)
+                table = chunk.block_ids[None]  # (1, num_blocks)
+                keys = gather_pages(k_cache, table)[:, 0, : chunk.context_len].transpose(0, 1)
+                values = gather_pages(v_cache, table)[:, 0, : chunk.context_len].transpose(0, 1)
             out[rows] = ops.flash_attn_fwd(
                 q[rows],
                 keys,
