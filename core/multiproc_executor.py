@@ -2,14 +2,14 @@
 
 Lifecycle: workers are spawned on construction and reaped by `shutdown()`, by interpreter
 exit, or when the engine process dies (workers watch their parent). A worker that dies
-fails the step with `WorkerLost` naming its rank within about a second.
+fails the step with `WorkerLost` naming its rank within about a second; one whose heartbeats
+stop (hung, stopped) within HEARTBEAT_TIMEOUT_S. Handshake: Hello -> LoadModel -> WorkerReady.
 """
 
 from __future__ import annotations
 
 import atexit
 import dataclasses
-import json
 import os
 import shutil
 import socket
@@ -30,6 +30,9 @@ from titanserve.core.errors import ConfigError, WorkerLost
 from titanserve.ipc.messages import (
     MAX_CONTROL_MESSAGE_BYTES,
     FromWorker,
+    Heartbeat,
+    Hello,
+    LoadModel,
     Shutdown,
     StepPlan,
     StepResult,
@@ -39,7 +42,8 @@ from titanserve.ipc.messages import (
 from titanserve.ipc.tensor_frames import decode_tensor
 
 POLL_MS = 100
-READY_TIMEOUT_S = 300.0
+START_TIMEOUT_S = 120.0  # spawn -> Hello: an interpreter importing torch
+HEARTBEAT_TIMEOUT_S = 10.0  # silence after which a live process counts as lost
 
 
 def _free_port() -> int:
@@ -75,25 +79,19 @@ class MultiProcExecutor:
         self.sock.bind(f"ipc://{self.run_dir}/engine")
         self.decoder = msgspec.msgpack.Decoder(FromWorker)
         self.encoder = msgspec.msgpack.Encoder()
-        config_json = json.dumps(dataclasses.asdict(worker_config))
-        port = _free_port()
+        self.load = LoadModel(
+            config=worker_config, model_path=str(model_path), comm_port=_free_port()
+        )
         # A fresh interpreter per worker (no fork of a threaded parent, no re-import of the
-        # caller's __main__); arguments travel as JSON on the command line.
+        # caller's __main__); it says Hello and is sent LoadModel over the socket.
         self.procs = [
             subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "titanserve.core.worker",
-                    config_json,
-                    str(model_path),
-                    str(rank),
-                    self.run_dir,
-                    str(port),
-                ]
+                [sys.executable, "-m", "titanserve.core.worker", self.run_dir, str(rank)]
             )
             for rank in range(self.world_size)
         ]
+        self.spawned_at = self.wait_started = time.monotonic()
+        self.last_seen: list[float | None] = [None] * self.world_size
         self._closed = False
         self.lost: WorkerLost | None = None
         self._finalizer = weakref.finalize(self, _reap, self.procs, self.run_dir)
@@ -116,6 +114,7 @@ class MultiProcExecutor:
             raise
 
     def _execute(self, plans: list[StepPlan]) -> list[tuple[StepResult, torch.Tensor | None]]:
+        self.wait_started = time.monotonic()
         for rank, plan in enumerate(plans):
             self.sock.send_multipart([f"w{rank}".encode(), self.encoder.encode(plan)])
         results: list = [None] * self.world_size
@@ -129,12 +128,13 @@ class MultiProcExecutor:
         return results
 
     def _await_ready(self) -> None:
-        deadline = time.monotonic() + READY_TIMEOUT_S
+        """Answer each Hello with LoadModel; wait (as long as heartbeats come) for WorkerReady."""
+        self.wait_started = time.monotonic()
         while any(w is None for w in self.workers):
-            if time.monotonic() > deadline:
-                raise WorkerLost(None, f"workers did not start within {READY_TIMEOUT_S:.0f} s")
             rank, msg, _ = self._recv()
-            if isinstance(msg, WorkerReady):
+            if isinstance(msg, Hello):
+                self.sock.send_multipart([f"w{rank}".encode(), self.encoder.encode(self.load)])
+            elif isinstance(msg, WorkerReady):
                 self.workers[rank] = msg
 
     def _recv(self) -> tuple[int, object, list]:
@@ -144,13 +144,16 @@ class MultiProcExecutor:
                 self._check_alive()
                 continue
             frames = self.sock.recv_multipart(copy=False)
-            identity = bytes(frames[0].buffer)
+            identity = bytes(frames[0].buffer)  # b"w<rank>" main socket, b"h<rank>" heartbeats
             try:
                 rank = int(identity[1:].decode())
                 msg = self.decoder.decode(frames[1].buffer)
             except (ValueError, msgspec.DecodeError, msgspec.ValidationError, IndexError):
                 continue  # not a worker's message: drop it, keep serving
             if not 0 <= rank < self.world_size:
+                continue
+            self.last_seen[rank] = time.monotonic()
+            if isinstance(msg, Heartbeat):
                 continue
             if isinstance(msg, WorkerError):
                 if msg.fatal:
@@ -160,9 +163,23 @@ class MultiProcExecutor:
             return rank, msg, frames[2:]
 
     def _check_alive(self) -> None:
+        """Raise WorkerLost for a worker that exited, never started, or went silent.
+
+        Silence counts from the later of its last message and the start of this wait: while
+        the engine is idle nobody reads heartbeats, and that is not the worker's fault.
+        """
+        now = time.monotonic()
         for rank, p in enumerate(self.procs):
             if p.poll() is not None:
                 raise WorkerLost(rank, f"process exited with code {p.returncode}")
+            seen = self.last_seen[rank]
+            if seen is None:
+                if now - self.spawned_at > START_TIMEOUT_S:
+                    raise WorkerLost(rank, f"did not start within {START_TIMEOUT_S:.0f} s")
+            elif now - max(seen, self.wait_started) > HEARTBEAT_TIMEOUT_S:
+                raise WorkerLost(
+                    rank, f"no heartbeat for {HEARTBEAT_TIMEOUT_S:.0f} s (hung or stopped)"
+                )
 
     # ------------------------------------------------------------------ lifecycle
     def shutdown(self) -> None:

@@ -1,14 +1,15 @@
 """Worker process: holds a model shard (dense weights + its experts) and its paged KV cache,
 executes StepPlans in lockstep with the other workers, samples its own requests.
 
-The loop: receive a plan -> run it (joining the MoE all-to-alls) -> send the result.
+Protocol: Hello -> LoadModel -> WorkerReady, then per step: StepPlan -> run it (joining the
+MoE all-to-alls) -> StepResult, until Shutdown. A thread sends Heartbeats throughout.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
+import threading
 import traceback
 from pathlib import Path
 
@@ -22,7 +23,11 @@ from titanserve.core.model_runner import ModelRunner
 from titanserve.ipc.collectives import create_collective
 from titanserve.ipc.errors import WorkerLost
 from titanserve.ipc.messages import (
+    HEARTBEAT_INTERVAL_S,
     MAX_CONTROL_MESSAGE_BYTES,
+    Heartbeat,
+    Hello,
+    LoadModel,
     Shutdown,
     StepPlan,
     ToWorker,
@@ -35,6 +40,7 @@ from titanserve.moe.layer import MoELayer
 from titanserve.moe.placement import ExpertPlacement
 
 PARENT_CHECK_S = 1.0
+_ENGINE_PID = os.getppid()  # read at import, i.e. when the worker process starts
 
 
 def collective_options(config: EngineConfig, run_dir: str, port: int) -> dict:
@@ -43,11 +49,10 @@ def collective_options(config: EngineConfig, run_dir: str, port: int) -> dict:
     return {"init_method": f"tcp://127.0.0.1:{port}"}
 
 
-def worker_main(config_json: str, model_path: str, rank: int, run_dir: str, comm_port: int) -> None:
-    """Entry point of a worker process (started by MultiProcExecutor)."""
+def worker_main(run_dir: str, rank: int) -> None:
+    """Entry point of a worker process (started by MultiProcExecutor): say Hello, load what
+    LoadModel says, then serve plans until Shutdown."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the engine process
-    config = EngineConfig(**json.loads(config_json))
-    world = config.num_workers
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.IDENTITY, f"w{rank}".encode())
@@ -55,15 +60,24 @@ def worker_main(config_json: str, model_path: str, rank: int, run_dir: str, comm
     sock.setsockopt(zmq.LINGER, 1000)
     sock.connect(f"ipc://{run_dir}/engine")
     encoder = msgspec.msgpack.Encoder()
+    decoder = msgspec.msgpack.Decoder(ToWorker)
+    heartbeat = HeartbeatThread(ctx, f"ipc://{run_dir}/engine", rank)
+    heartbeat.start()
     collective = None
     try:
+        sock.send(encoder.encode(Hello(rank=rank, pid=os.getpid())))
+        load = _next_message(sock, decoder, encoder, rank)
+        if not isinstance(load, LoadModel):
+            return  # Shutdown, or the engine is gone
+        config, model_path = load.config, load.model_path
+        world = config.num_workers
         device = config.resolve_device(rank)
         if device.type == "cpu":
             torch.set_num_threads(config.num_threads or max(1, (os.cpu_count() or 1) // world))
         model_cfg = ModelConfig.from_hf(model_path)
         placement = ExpertPlacement.contiguous(model_cfg.num_experts, world, rank)
         collective = create_collective(
-            config.comm, rank, world, **collective_options(config, run_dir, comm_port)
+            config.comm, rank, world, **collective_options(config, run_dir, load.comm_port)
         )
         runner = ModelRunner(
             Path(model_path),
@@ -94,7 +108,7 @@ def worker_main(config_json: str, model_path: str, rank: int, run_dir: str, comm
                 )
             )
         )
-        _serve(sock, runner, rank, encoder, exchange)
+        _serve(sock, decoder, runner, rank, encoder, exchange)
     except WorkerLost as e:
         sock.send(
             encoder.encode(WorkerError(rank=rank, message=str(e), fatal=True, lost_rank=e.rank))
@@ -104,31 +118,68 @@ def worker_main(config_json: str, model_path: str, rank: int, run_dir: str, comm
         sock.send(encoder.encode(WorkerError(rank=rank, message=detail, fatal=True)))
         traceback.print_exc()
     finally:
+        heartbeat.stop()
         if collective is not None:
             collective.close()
         sock.close()
         ctx.term()
 
 
-def _serve(
-    sock: zmq.Socket, runner: ModelRunner, rank: int, encoder, exchange: ExpertParallel
-) -> None:
-    decoder = msgspec.msgpack.Decoder(ToWorker)
-    parent = os.getppid()
+class HeartbeatThread(threading.Thread):
+    """Sends Heartbeat(rank) every HEARTBEAT_INTERVAL_S on its own socket, also while the
+    main thread computes (torch releases the GIL); never blocks on a busy engine."""
+
+    def __init__(self, ctx: zmq.Context, address: str, rank: int) -> None:
+        super().__init__(name=f"heartbeat-{rank}", daemon=True)
+        self.ctx, self.address, self.rank = ctx, address, rank
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, f"h{self.rank}".encode())
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 4)  # an engine that stops reading gets no backlog
+        sock.connect(self.address)
+        beat = msgspec.msgpack.encode(Heartbeat(rank=self.rank))
+        try:
+            while not self._stop_event.is_set():
+                try:
+                    sock.send(beat, flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    pass
+                self._stop_event.wait(HEARTBEAT_INTERVAL_S)
+        finally:
+            sock.close()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(timeout=2 * HEARTBEAT_INTERVAL_S)
+
+
+def _next_message(sock: zmq.Socket, decoder, encoder, rank: int):
+    """The next well-formed message for this worker, or None once the engine has died."""
     while True:
         if not sock.poll(int(PARENT_CHECK_S * 1000)):
-            if os.getppid() != parent:  # the engine died: never outlive it
-                return
+            if os.getppid() != _ENGINE_PID:  # the engine died: never outlive it
+                return None
             continue
         frames = sock.recv_multipart(copy=False)
         try:
-            msg = decoder.decode(frames[0].buffer)
+            return decoder.decode(frames[0].buffer)
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
             sock.send(encoder.encode(WorkerError(rank=rank, message=f"bad message dropped: {e}")))
-            continue
-        if isinstance(msg, Shutdown):
+
+
+def _serve(
+    sock: zmq.Socket, decoder, runner: ModelRunner, rank: int, encoder, exchange: ExpertParallel
+) -> None:
+    while True:
+        msg = _next_message(sock, decoder, encoder, rank)
+        if msg is None or isinstance(msg, Shutdown):
             return
-        assert isinstance(msg, StepPlan)
+        if not isinstance(msg, StepPlan):
+            sock.send(encoder.encode(WorkerError(rank=rank, message="already loaded")))
+            continue
         exchange.comm_time_s = 0.0
         result, logits = runner.execute(msg)
         result.comm_time_s = exchange.comm_time_s
@@ -142,5 +193,4 @@ def _serve(
 if __name__ == "__main__":
     import sys
 
-    config_arg, path_arg, rank_arg, dir_arg, port_arg = sys.argv[1:6]
-    worker_main(config_arg, path_arg, int(rank_arg), dir_arg, int(port_arg))
+    worker_main(sys.argv[1], int(sys.argv[2]))

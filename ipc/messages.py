@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import msgspec
 
+from titanserve.core.engine_config import EngineConfig
 from titanserve.core.sampling_params import SamplingParams
 
 
@@ -67,6 +68,29 @@ class StepResult(Struct):
 # ---------------------------------------------------------------- worker lifecycle
 
 
+class Hello(Struct):
+    """A worker's first message: it is up and connected; the scheduler answers LoadModel."""
+
+    rank: int
+    pid: int
+
+
+class LoadModel(Struct):
+    """What a worker loads and how it joins the mesh (answer to Hello)."""
+
+    config: EngineConfig  # num_kv_blocks and max_model_len already resolved
+    model_path: str
+    comm_port: int  # torch.distributed rendezvous port (the ZeroMQ mesh uses ipc:// files)
+
+
+class Heartbeat(Struct):
+    """Sent every HEARTBEAT_INTERVAL_S from a worker thread, busy or not: a worker that stops
+    sending (hung, stopped, or on a dead host) is lost even if its process still exists."""
+
+    rank: int
+
+
+
 class WorkerReady(Struct):
     """A worker loaded its shard and joined the mesh."""
 
@@ -89,8 +113,10 @@ class Shutdown(Struct):
     pass
 
 
-ToWorker = StepPlan | Shutdown
-FromWorker = StepResult | WorkerReady | WorkerError
+ToWorker = StepPlan | LoadModel | Shutdown
+FromWorker = StepResult | WorkerReady | WorkerError | Hello | Heartbeat
+
+HEARTBEAT_INTERVAL_S = 0.5
 
 # NOTE: every decoder of bytes from a socket is typed and every socket that receives them sets
 # zmq.MAXMSGSIZE: a plan or result larger than this is refused, never buffered.

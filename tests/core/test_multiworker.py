@@ -158,6 +158,34 @@ def test_killed_worker_raises_worker_lost_quickly(tmp_path_factory):
     assert all(p.poll() is not None for p in procs)
 
 
+def test_stopped_worker_is_lost_when_its_heartbeats_stop(tmp_path_factory, monkeypatch):
+    """A SIGSTOPped process still exists and there are no collectives in a dense model, so
+    only the missing heartbeats can tell; an idle pause longer than the timeout is fine."""
+    from titanserve.core import multiproc_executor
+
+    monkeypatch.setattr(multiproc_executor, "HEARTBEAT_TIMEOUT_S", 1.5)
+    path = tiny("llama", tmp_path_factory)
+    llm = LLM(path, num_workers=2, progress=False)
+    victim = llm.engine.executor.procs[0]
+    try:
+        params = SamplingParams(max_tokens=4, temperature=0)
+        expected = llm.generate([[5, 6, 7], [8, 9]], params)
+        time.sleep(3.0)  # idle: nobody reads the heartbeats, nobody is lost
+        assert [o.token_ids for o in llm.generate([[5, 6, 7], [8, 9]], params)] == [
+            o.token_ids for o in expected
+        ]
+        os.kill(victim.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        with pytest.raises(WorkerLost, match="no heartbeat") as info:
+            llm.generate([[5, 6, 7], [8, 9]], params)
+        assert info.value.rank == 0
+        assert time.monotonic() - t0 < 1.5 + 2.0
+    finally:
+        os.kill(victim.pid, signal.SIGCONT)
+        llm.shutdown()
+    assert victim.poll() is not None
+
+
 def test_garbage_on_either_socket_is_dropped_and_serving_continues(tmp_path_factory):
     import zmq
 

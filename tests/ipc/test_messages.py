@@ -5,6 +5,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
+from titanserve.core.engine_config import EngineConfig
 from titanserve.core.sampling_params import SamplingParams
 from titanserve.ipc import messages as m
 
@@ -35,13 +36,21 @@ SAMPLES = [
     m.WorkerReady(rank=1, local_experts=[4, 5, 6, 7], expert_param_count=1024, num_kv_blocks=64),
     m.WorkerError(rank=0, message="boom", fatal=True, lost_rank=1),
     m.Shutdown(),
+    m.Hello(rank=1, pid=4242),
+    m.LoadModel(
+        config=EngineConfig(model="/m", num_workers=2, num_kv_blocks=9, max_model_len=64),
+        model_path="/m",
+        comm_port=29500,
+    ),
+    m.Heartbeat(rank=0),
 ]
 
 
 @pytest.mark.parametrize("message", SAMPLES, ids=lambda s: type(s).__name__)
 def test_round_trip(message):
     data = msgspec.msgpack.encode(message)
-    union = m.ToWorker if isinstance(message, (m.StepPlan, m.Shutdown)) else m.FromWorker
+    to_worker = (m.StepPlan, m.LoadModel, m.Shutdown)
+    union = m.ToWorker if isinstance(message, to_worker) else m.FromWorker
     assert msgspec.msgpack.decode(data, type=union) == message
 
 
@@ -61,3 +70,10 @@ def test_invalid_sampling_params_are_refused_at_decode():
                                   "num_prompt_tokens": 1})
     with pytest.raises(msgspec.ValidationError, match="max_tokens"):
         msgspec.msgpack.decode(bad, type=m.NewRequest)
+
+
+def test_load_model_with_an_invalid_engine_config_is_refused_at_decode():
+    good = msgspec.to_builtins(SAMPLES[-2])
+    good["config"]["num_workers"] = 0
+    with pytest.raises(msgspec.ValidationError, match="num_workers"):
+        msgspec.msgpack.Decoder(m.ToWorker).decode(msgspec.msgpack.encode(good))
