@@ -6,14 +6,139 @@ Tensors never ride inside a struct: they follow as separate zero-copy frames
 
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
 import msgspec
 
 from titanserve.core.engine_config import EngineConfig
+from titanserve.core.errors import InvalidRequest
 from titanserve.core.sampling_params import SamplingParams
 
 
 class Struct(msgspec.Struct, tag=True, kw_only=True, omit_defaults=True):
     """Base of all wire messages: tagged by class name, keyword-only."""
+
+
+# ---------------------------------------------------------------- client <-> scheduler
+
+# NOTE: msgspec checks these bounds when it decodes, not when a struct is built: they guard the
+# scheduler against untrusted client bytes. Meaning (empty prompt, ids past the vocabulary,
+# context length) is the engine's to judge, with its own InvalidRequest messages.
+MAX_CLIENT_MESSAGE_BYTES = 64 * 1024 * 1024  # the client socket's zmq.MAXMSGSIZE
+MAX_REQUEST_ID_CHARS = 256
+MAX_PROMPT_CHARS = 4 * 1024 * 1024  # also bounds each chat message's content
+MAX_PROMPT_TOKENS = 1024 * 1024
+MAX_CHAT_MESSAGES = 1024
+
+# NOTE: invalid UTF-8 inside a string raises UnicodeDecodeError, not msgspec.DecodeError
+# (msgspec issue #714): a loop that decodes untrusted bytes catches DECODE_ERRORS.
+DECODE_ERRORS = (msgspec.DecodeError, UnicodeDecodeError)
+
+RequestId = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_REQUEST_ID_CHARS)]
+PromptText = Annotated[str, msgspec.Meta(max_length=MAX_PROMPT_CHARS)]
+TokenId = Annotated[int, msgspec.Meta(ge=0)]
+PromptTokenIds = Annotated[list[TokenId], msgspec.Meta(max_length=MAX_PROMPT_TOKENS)]
+ErrorKind = Literal["invalid_request", "overloaded", "worker_lost", "timeout", "internal"]
+
+
+class ChatMessage(Struct):
+    """One chat turn; the model's chat template renders the turns into a prompt."""
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: PromptText
+
+
+class GenerateRequest(Struct):
+    """Generate from exactly one of `prompt`, `prompt_token_ids` or chat `messages`.
+
+    With `stream` the scheduler sends an OutputDelta per step, else one final OutputDelta.
+    `add_generation_prompt` (chat only) ends the prompt with the assistant turn's header.
+    """
+
+    request_id: RequestId
+    sampling: SamplingParams
+    prompt: PromptText | None = None
+    prompt_token_ids: PromptTokenIds | None = None
+    messages: Annotated[list[ChatMessage], msgspec.Meta(max_length=MAX_CHAT_MESSAGES)] | None = None
+    stream: bool = False
+    add_generation_prompt: bool = True
+
+    def __post_init__(self) -> None:
+        given = [self.prompt, self.prompt_token_ids, self.messages]
+        if sum(x is not None for x in given) != 1:
+            raise InvalidRequest("give exactly one of prompt, prompt_token_ids or messages")
+
+
+class AbortRequest(Struct):
+    """Stop a request; the scheduler answers with its final OutputDelta (reason "abort")."""
+
+    request_id: RequestId
+
+
+class HealthRequest(Struct):
+    """Ask whether the scheduler and its workers are up (answered by HealthReply)."""
+
+
+class StatsRequest(Struct):
+    """Ask for the scheduler's counters (answered by StatsReply)."""
+
+
+class OutputDelta(Struct):
+    """A request's new tokens since its last delta; the one with `finished` set is its last.
+
+    `logprobs` (and `top_logprobs`, when SamplingParams.logprobs asked) hold one entry per new
+    token. The token counts are the request's totals so far.
+    """
+
+    request_id: str
+    new_token_ids: list[int] = []
+    new_text: str = ""
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    num_prompt_tokens: int = 0
+    num_generated_tokens: int = 0
+
+
+class ErrorReply(Struct):
+    """A request (or a message that could not be read: no `request_id`) failed.
+
+    `kind` picks the client's typed error: InvalidRequest, Overloaded, WorkerLost, Timeout, or
+    a server fault ("internal").
+    """
+
+    kind: ErrorKind
+    message: str
+    request_id: str | None = None
+
+
+class HealthReply(Struct):
+    """Answer to HealthRequest."""
+
+    ok: bool
+    num_workers: int
+    workers_alive: int
+    uptime_s: float
+
+
+class StatsReply(Struct):
+    """Answer to StatsRequest: plain counters since the scheduler started."""
+
+    num_running: int
+    num_waiting: int
+    num_requests_total: int
+    num_prompt_tokens_total: int
+    num_generated_tokens_total: int
+    kv_cache_usage: list[float]  # fraction of KV blocks in use, per worker
+    prefix_cache_hit_rate: float  # cached prompt tokens / prompt tokens
+    num_steps_total: int
+    step_time_mean_s: float
+    overhead_fraction: float  # share of step wall time outside model compute
+
+
+ToScheduler = GenerateRequest | AbortRequest | HealthRequest | StatsRequest
+ToClient = OutputDelta | ErrorReply | HealthReply | StatsReply
 
 
 # ---------------------------------------------------------------- scheduler -> worker
