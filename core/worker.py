@@ -23,6 +23,7 @@ from titanserve.core.model_runner import ModelRunner
 from titanserve.ipc.collectives import create_collective
 from titanserve.ipc.errors import WorkerLost
 from titanserve.ipc.messages import (
+    DECODE_ERRORS,
     HEARTBEAT_INTERVAL_S,
     MAX_CONTROL_MESSAGE_BYTES,
     Heartbeat,
@@ -166,7 +167,7 @@ def _next_message(sock: zmq.Socket, decoder, encoder, rank: int):
         frames = sock.recv_multipart(copy=False)
         try:
             return decoder.decode(frames[0].buffer)
-        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        except DECODE_ERRORS as e:
             sock.send(encoder.encode(WorkerError(rank=rank, message=f"bad message dropped: {e}")))
 
 

@@ -196,6 +196,7 @@ def test_garbage_on_either_socket_is_dropped_and_serving_continues(tmp_path_fact
         # worker side: garbage and a truncated plan through the engine's own socket
         executor.sock.send_multipart([b"w0", b"\xc1 not msgpack"])
         executor.sock.send_multipart([b"w1", b"\x82\xa4type"])
+        executor.sock.send_multipart([b"w0", b"\x81\xa4type\xa2\xff\xfe"])  # bad UTF-8
         # engine side: a stranger connects to the engine's socket and sends junk
         ctx = zmq.Context.instance()
         stranger = ctx.socket(zmq.DEALER)
