@@ -1,4 +1,5 @@
-"""The engine loop: step() = schedule -> execute on workers -> process outputs.
+"""The engine loop: step() = schedule -> submit to workers -> process the previous step's
+outputs while they compute -> collect results.
 
 Owns requests, tokenizer, scheduler and block managers; never touches model tensors
 beyond handing returned logits to the caller.
@@ -92,6 +93,7 @@ class Engine:
         self.step_time_s = 0.0  # wall time inside step(), and of it the model's compute
         self.compute_time_s = 0.0
         self._ids = itertools.count()
+        self._pending: list[tuple[str, int]] = []  # (request id, token) sampled last step
 
     def _make_executor(self):
         c = self.config
@@ -164,7 +166,7 @@ class Engine:
         return self._finalize(tracker, "abort")
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self._pending)
 
     # ------------------------------------------------------------------ the loop
     def step(self) -> list[StepDelta]:
@@ -182,9 +184,21 @@ class Engine:
         return max(0.0, 1.0 - self.compute_time_s / self.step_time_s)
 
     def _step(self) -> list[StepDelta]:
+        """Schedule and submit step t, then turn step t-1's tokens into deltas (detokenize,
+        stop strings, finished outputs) while the workers compute, then take step t's results.
+        An executor that computes in this process (`overlaps` False) gets them processed at
+        once instead.
+
+        NOTE: so a request that a stop string ends at step t-1 has already been scheduled in
+        step t; that token is dropped (its tracker is gone) and its blocks are freed before any
+        later schedule could hand them out, i.e. after the workers wrote into them.
+        """
         out = self.scheduler.schedule()
+        if out.scheduled:
+            self.executor.submit(out.plans)
+        deltas = self._process_pending()
         if not out.scheduled:
-            if self.scheduler.waiting and not self.scheduler.running:
+            if not deltas and self.scheduler.waiting and not self.scheduler.running:
                 # Nothing runs and the head request cannot be placed: it never will be.
                 request = self.scheduler.waiting[0]
                 tracker = self.trackers.pop(request.request_id)
@@ -194,8 +208,8 @@ class Engine:
                     f"request {request.request_id} ({request.num_tokens} tokens) "
                     "does not fit in the KV cache"
                 )
-            return []
-        results = self.executor.execute(out.plans)
+            return deltas
+        results = self.executor.collect()
         self.compute_time_s += max(r.compute_time_s - r.comm_time_s for r, _ in results)
         sampled: dict[str, int] = {}
         for result, logits in results:
@@ -207,12 +221,22 @@ class Engine:
                 if seq.token_id is not None:
                     sampled[seq.request_id] = seq.token_id
         self.scheduler.update(out, sampled)
-        deltas = []
-        for s in out.scheduled:
-            rid = s.request.request_id
-            if rid in sampled and rid in self.trackers:
-                deltas.append(self._process_token(self.trackers[rid], sampled[rid]))
+        self._pending = [
+            (s.request.request_id, sampled[s.request.request_id])
+            for s in out.scheduled
+            if s.request.request_id in sampled
+        ]
+        if not self.executor.overlaps:  # nothing to hide them behind: deliver them now
+            deltas += self._process_pending()
         return deltas
+
+    def _process_pending(self) -> list[StepDelta]:
+        pending, self._pending = self._pending, []
+        return [
+            self._process_token(self.trackers[rid], token_id)
+            for rid, token_id in pending
+            if rid in self.trackers  # else aborted, or ended by a stop string meanwhile
+        ]
 
     def _collect(self, tracker: _Tracker, seq, logits: torch.Tensor | None) -> None:
         out = tracker.output

@@ -1,5 +1,6 @@
 """Executors run a step's plans on the workers: in this process (one worker) or on worker
-processes over ZeroMQ (several). The engine sees only `execute` and `shutdown`."""
+processes over ZeroMQ (several). The engine sees `submit` (start a step), `collect` (wait for
+its results) and `shutdown`; between the two it processes the previous step's outputs."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ StepOutputs = list[tuple[StepResult, "torch.Tensor | None"]]
 
 class InProcessExecutor:
     """One worker, in the engine's own process."""
+
+    overlaps = False  # the step runs inside collect(): nothing can overlap it
 
     def __init__(
         self,
@@ -43,7 +46,13 @@ class InProcessExecutor:
             progress=config.progress,
         )
 
-    def execute(self, plans: list[StepPlan]) -> StepOutputs:
+        self._plans: list[StepPlan] | None = None
+
+    def submit(self, plans: list[StepPlan]) -> None:
+        self._plans = plans  # runs in collect(): one process cannot overlap with itself
+
+    def collect(self) -> StepOutputs:
+        plans, self._plans = self._plans, None
         return [self.runner.execute(plans[0])]
 
     def shutdown(self) -> None:

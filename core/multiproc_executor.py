@@ -53,6 +53,8 @@ def _free_port() -> int:
 
 
 class MultiProcExecutor:
+    overlaps = True  # workers compute between submit() and collect()
+
     def __init__(
         self,
         config: EngineConfig,
@@ -104,19 +106,24 @@ class MultiProcExecutor:
             raise
 
     # ------------------------------------------------------------------ step
-    def execute(self, plans: list[StepPlan]) -> list[tuple[StepResult, torch.Tensor | None]]:
+    def submit(self, plans: list[StepPlan]) -> None:
+        """Send each worker its plan; `collect` waits for the results."""
+        if self.lost is not None:
+            raise self.lost
+        self.wait_started = time.monotonic()
+        for rank, plan in enumerate(plans):
+            self.sock.send_multipart([f"w{rank}".encode(), self.encoder.encode(plan)])
+
+    def collect(self) -> list[tuple[StepResult, torch.Tensor | None]]:
         if self.lost is not None:
             raise self.lost
         try:
-            return self._execute(plans)
+            return self._collect()
         except WorkerLost as e:
             self.lost = e  # the mesh is broken: every later step fails the same way
             raise
 
-    def _execute(self, plans: list[StepPlan]) -> list[tuple[StepResult, torch.Tensor | None]]:
-        self.wait_started = time.monotonic()
-        for rank, plan in enumerate(plans):
-            self.sock.send_multipart([f"w{rank}".encode(), self.encoder.encode(plan)])
+    def _collect(self) -> list[tuple[StepResult, torch.Tensor | None]]:
         results: list = [None] * self.world_size
         pending = self.world_size
         while pending:

@@ -25,13 +25,13 @@ def greedy(max_tokens: int = 24, **kwargs) -> SamplingParams:
 
 def record_plans(llm: LLM) -> list:
     """Spy on the executor: every SeqPlan the scheduler sends from now on."""
-    seqs, execute = [], llm.engine.executor.execute
+    seqs, submit = [], llm.engine.executor.submit
 
     def recording(plans):
         seqs.extend(seq for plan in plans for seq in plan.seqs)
-        return execute(plans)
+        return submit(plans)
 
-    llm.engine.executor.execute = recording
+    llm.engine.executor.submit = recording
     return seqs
 
 
@@ -59,6 +59,30 @@ def test_stop_string_cuts_the_text_in_outputs_and_streams(tiny_model, random_pro
     assert "".join(d.new_text for d in deltas) == ref.text[:cut]
     assert [d.finished for d in deltas] == [False] * (len(deltas) - 1) + [True]
     assert deltas[-1].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("num_workers", [1, 2])
+def test_a_stop_string_ending_one_request_leaves_the_batch_and_cache_intact(
+    tiny_model, random_prompts, num_workers
+):
+    """Stop strings are seen while the next step runs (output processing overlaps the
+    workers): that step's extra token must not leak, nor its blocks, nor disturb the others."""
+    prompts = random_prompts([12, 30, 7, 19], seed=4)
+    with make_llm(tiny_model(FAMILY), num_workers=num_workers) as llm:
+        refs = llm.generate(prompts, greedy())
+        stop = refs[1].text[len(refs[1].text) // 4 :][:3]
+        params = [greedy(), greedy(stop=[stop]), greedy(), greedy()]
+        outs = llm.generate(prompts, params)
+        engine = llm.engine
+        assert not engine.has_unfinished() and not engine.trackers
+        for block_manager in engine.scheduler.block_managers:
+            assert block_manager.num_free_blocks == block_manager.num_blocks
+    cut = refs[1].text.index(stop)
+    assert (outs[1].text, outs[1].finish_reason) == (refs[1].text[:cut], "stop")
+    n = len(outs[1].token_ids)
+    assert outs[1].token_ids == refs[1].token_ids[:n] and n < len(refs[1].token_ids)
+    for i in (0, 2, 3):
+        assert (outs[i].token_ids, outs[i].text) == (refs[i].token_ids, refs[i].text)
 
 
 def test_stop_string_completed_by_the_last_allowed_token_still_stops(tiny_model, random_prompts):
