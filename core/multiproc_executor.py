@@ -52,9 +52,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class MultiProcExecutor:
-    overlaps = True  # workers compute between submit() and collect()
+def engine_core_is_spare(config: EngineConfig) -> bool:
+    """Whether the engine may work between submit() and collect() without taking a core from
+    a worker: always on GPUs; on CPU only if the workers' torch threads leave one free."""
+    if config.resolve_device(0).type != "cpu":
+        return True
+    cores = os.cpu_count() or 1
+    threads = config.num_threads or max(1, cores // config.num_workers)
+    return cores - config.num_workers * threads >= 1
 
+
+class MultiProcExecutor:
     def __init__(
         self,
         config: EngineConfig,
@@ -69,6 +77,7 @@ class MultiProcExecutor:
                 "workers; use fewer workers"
             )
         self.world_size = config.num_workers
+        self.overlaps = engine_core_is_spare(config)
         worker_config = dataclasses.replace(
             config, num_kv_blocks=num_blocks, max_model_len=max_model_len
         )

@@ -158,6 +158,21 @@ def test_killed_worker_raises_worker_lost_quickly(tmp_path_factory):
     assert all(p.poll() is not None for p in procs)
 
 
+@pytest.mark.parametrize(
+    "cores,workers,threads,spare",
+    [(2, 2, None, False), (8, 2, None, False), (8, 2, 3, True), (3, 2, None, True)],
+)
+def test_engine_overlaps_output_processing_only_with_a_spare_core(
+    monkeypatch, cores, workers, threads, spare
+):
+    from titanserve.core.engine_config import EngineConfig
+    from titanserve.core.multiproc_executor import engine_core_is_spare
+
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    config = EngineConfig(model="m", num_workers=workers, num_threads=threads, device="cpu")
+    assert engine_core_is_spare(config) is spare
+
+
 def test_stopped_worker_is_lost_when_its_heartbeats_stop(tmp_path_factory, monkeypatch):
     """A SIGSTOPped process still exists and there are no collectives in a dense model, so
     only the missing heartbeats can tell; an idle pause longer than the timeout is fine."""
