@@ -61,8 +61,7 @@ def fused_moe_torch(
     fp32; the result is in x.dtype.
     """
     T, H = x.shape
-    E_local, two_i, _ = w_gate_up.shape
-    inter = two_i // 2
+    E_local = w_gate_up.shape[0]
     K = topk_ids.shape[1]
     local = topk_ids.reshape(-1).long()  # (T*K,)
     if expert_map is not None:
@@ -77,7 +76,53 @@ def fused_moe_torch(
     tokens = pairs // K  # (P,)
     weights = topk_weights.reshape(-1)[pairs].float()  # (P,)
     xs = x.index_select(0, tokens)  # (P, H)
-    ys = torch.empty(len(pairs), H, dtype=torch.float32, device=x.device)  # (P, H)
+    act = (activation, swiglu_limit, swiglu_alpha)
+    longest = max(counts, default=0)
+    batched = 0 < longest <= BATCHED_MAX_ROWS and longest * E_local <= MAX_PADDING * len(pairs)
+    experts = _experts_batched if batched else _experts_looped
+    ys = experts(xs, counts, w_gate_up, w_down, gate_up_bias, down_bias, act)  # (P, H) fp32
+    ys.mul_(weights[:, None])
+    # Each (token, k) pair owns one row: scatter without accumulation, then sum over k.
+    per_pair = torch.zeros(T * K, H, dtype=torch.float32, device=x.device)  # (T*K, H)
+    per_pair.index_copy_(0, pairs, ys)
+    return per_pair.view(T, K, H).sum(dim=1).to(x.dtype)  # (T, H)
+
+
+# Small batches (decode) run every expert in two batched matmuls over rows padded to the
+# busiest expert's count, while that padding stays cheap; large ones (prefill) loop over
+# experts, where per-call overhead no longer matters and padded copies would.
+MAX_PADDING = 2.0  # padded rows <= MAX_PADDING * routed pairs
+BATCHED_MAX_ROWS = 256  # rows of the busiest expert
+
+
+def _ffn_tail(h, gate_up_bias, w_down, down_bias, dtype, act) -> torch.Tensor:
+    """gate_up output h (..., n, 2I) fp32 of one expert (2-D weights) or all (3-D, batched)
+    -> bias, activation, down projection (+ bias): (..., n, H) fp32."""
+    inter = h.shape[-1] // 2
+    if gate_up_bias is not None:
+        h = h + gate_up_bias.float().unsqueeze(-2)
+    a = activate(h[..., :inter], h[..., inter:], *act).to(dtype)
+    y = torch.matmul(a, w_down.transpose(-1, -2)).float()
+    return y if down_bias is None else y + down_bias.float().unsqueeze(-2)
+
+
+def _experts_batched(xs, counts, w_gate_up, w_down, gate_up_bias, down_bias, act):
+    """Rows sorted by expert, padded to (E, max count, H): two batched matmuls for all experts
+    (small decode batches spend most of a per-expert loop in per-call overhead)."""
+    E, longest, H = len(counts), max(counts), xs.shape[1]
+    sizes = torch.tensor(counts, device=xs.device)  # (E,)
+    expert = torch.repeat_interleave(torch.arange(E, device=xs.device), sizes)  # (P,)
+    first = torch.cumsum(sizes, 0) - sizes  # (E,)
+    dest = expert * longest + torch.arange(len(xs), device=xs.device) - first[expert]  # (P,)
+    padded = xs.new_zeros(E * longest, H).index_copy_(0, dest, xs).view(E, longest, H)
+    h = torch.bmm(padded, w_gate_up.transpose(1, 2)).float()  # (E, longest, 2I)
+    y = _ffn_tail(h, gate_up_bias, w_down, down_bias, xs.dtype, act)  # (E, longest, H)
+    return y.view(E * longest, H).index_select(0, dest)  # (P, H)
+
+
+def _experts_looped(xs, counts, w_gate_up, w_down, gate_up_bias, down_bias, act):
+    """One matmul pair per expert on its rows (rows sorted by expert)."""
+    ys = torch.empty(len(xs), xs.shape[1], dtype=torch.float32, device=xs.device)  # (P, H)
     start = 0
     for e, n in enumerate(counts):
         if n == 0:
@@ -85,18 +130,15 @@ def fused_moe_torch(
         rows = slice(start, start + n)
         start += n
         h = (xs[rows] @ w_gate_up[e].t()).float()  # (n, 2I)
-        if gate_up_bias is not None:
-            h = h + gate_up_bias[e].float()
-        a = activate(h[:, :inter], h[:, inter:], activation, swiglu_limit, swiglu_alpha)
-        y = (a.to(x.dtype) @ w_down[e].t()).float()  # (n, H)
-        if down_bias is not None:
-            y = y + down_bias[e].float()
-        ys[rows] = y * weights[rows, None]
-    # Each (token, k) pair owns one row: scatter without accumulation, then sum over k.
-    per_pair = torch.zeros(T * K, H, dtype=torch.float32, device=x.device)  # (T*K, H)
-    per_pair.index_copy_(0, pairs, ys)
-    return per_pair.view(T, K, H).sum(dim=1).to(x.dtype)  # (T, H)
-
+        ys[rows] = _ffn_tail(
+            h,
+            None if gate_up_bias is None else gate_up_bias[e],
+            w_down[e],
+            None if down_bias is None else down_bias[e],
+            xs.dtype,
+            act,
+        )
+    return ys
 
 
 def config_file_name(E: int, N: int, K: int, dtype: torch.dtype, device_name: str) -> str:

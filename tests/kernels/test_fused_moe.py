@@ -88,14 +88,32 @@ CASES = [
 ]
 
 
+# MAX_PADDING 0: always the per-expert loop; inf: always the padded batched matmuls.
+@pytest.mark.parametrize("max_padding", [0.0, float("inf")], ids=["looped", "batched"])
 @pytest.mark.parametrize("T,K,E,H,N,routing,mapped", CASES)
-def test_torch_matches_loop(T, K, E, H, N, routing, mapped):
+def test_torch_matches_loop(T, K, E, H, N, routing, mapped, max_padding, monkeypatch):
+    monkeypatch.setattr(fused_moe_mod, "MAX_PADDING", max_padding)
     args = make_moe(T, K, E, H, N, routing, mapped)
     torch.testing.assert_close(fused_moe_torch(**args), fused_moe_loop(**args))
 
 
+def test_batched_path_is_taken_only_while_padding_is_cheap(monkeypatch):
+    calls = []
+    for name in ("_experts_batched", "_experts_looped"):
+        real = getattr(fused_moe_mod, name)
+        monkeypatch.setattr(fused_moe_mod, name,
+                            lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    fused_moe_torch(**make_moe(33, 2, 8, 32, 24, "random", False))  # ~8 rows per expert
+    fused_moe_torch(**make_moe(33, 2, 8, 32, 24, "one_expert", False))  # 33 rows vs 66 pairs
+    monkeypatch.setattr(fused_moe_mod, "BATCHED_MAX_ROWS", 4)  # a prefill-sized batch
+    fused_moe_torch(**make_moe(33, 2, 8, 32, 24, "random", False))
+    assert calls == ["_experts_batched", "_experts_looped", "_experts_looped"]
+
+
+@pytest.mark.parametrize("max_padding", [0.0, float("inf")], ids=["looped", "batched"])
 @pytest.mark.parametrize("mapped", [False, True])
-def test_torch_swiglu_oai_with_biases_matches_loop(mapped):
+def test_torch_swiglu_oai_with_biases_matches_loop(mapped, max_padding, monkeypatch):
+    monkeypatch.setattr(fused_moe_mod, "MAX_PADDING", max_padding)
     args = make_moe(7, 2, 4, 32, 24, mapped=mapped, biases=True)
     args["x"] = args["x"] * 4  # reach the clamp
     got = fused_moe_torch(**args, activation="swiglu_oai", swiglu_limit=2.0)
