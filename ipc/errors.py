@@ -24,3 +24,11 @@ class WorkerLost(TitanserveError, RuntimeError):
 
     def __reduce__(self):  # survive pickling by multiprocessing (tests, launcher), not the wire
         return (type(self), (self.rank, self.detail))
+
+
+class Overloaded(TitanserveError, RuntimeError):
+    """The server's queue is full: retry later (HTTP 503)."""
+
+
+class Timeout(TitanserveError, TimeoutError):
+    """No answer from the server within the client's deadline."""
