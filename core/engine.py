@@ -92,6 +92,7 @@ class Engine:
         self.trackers: dict[str, _Tracker] = {}
         self.step_time_s = 0.0  # wall time inside step(), and of it the model's compute
         self.compute_time_s = 0.0
+        self.num_steps = 0
         self._ids = itertools.count()
         self._pending: list[tuple[str, int]] = []  # (request id, token) sampled last step
 
@@ -173,6 +174,7 @@ class Engine:
         t0 = time.perf_counter()
         deltas = self._step()
         self.step_time_s += time.perf_counter() - t0
+        self.num_steps += 1
         return deltas
 
     @property

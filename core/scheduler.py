@@ -48,6 +48,8 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.step_id = 0
+        # prefix cache hit rate = cached / placed tokens (placements after preemption count)
+        self.num_placed_tokens = self.num_cached_tokens = 0
         # Worker-side state to drop, per worker, sent with the next plan.
         self._finished_ids: list[list[str]] = [[] for _ in block_managers]
 
@@ -114,6 +116,8 @@ class Scheduler:
             self.waiting.popleft()
             request.worker = w
             request.num_computed_tokens = len(cached) * self.block_managers[w].block_size
+            self.num_placed_tokens += request.num_tokens
+            self.num_cached_tokens += request.num_computed_tokens
             self.block_managers[w].allocate(request, cached, request.num_computed_tokens + num_new)
             request.status = RequestStatus.RUNNING
             self.running.append(request)

@@ -185,17 +185,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite existing keys")
     p.set_defaults(handler="titanserve.launcher.commands_models:keygen")
 
-    p = commands.add_parser("serve", help="run the server (not yet available)")
-    p.set_defaults(handler="titanserve.launcher.cli:serve")
+    p = commands.add_parser("serve", parents=[engine], help="serve clients over ZeroMQ")
+    p.add_argument("model", help="checkpoint folder or .gguf file")
+    p.add_argument(
+        "--address",
+        default="tcp://127.0.0.1:7733",
+        help="tcp://HOST:PORT or ipc://PATH (default tcp://127.0.0.1:7733)",
+    )
+    p.add_argument("--keys", help="CurveZMQ key folder (from keygen): required off loopback")
+    p.add_argument("--key-name", default="server", help="key pair stem (default: server)")
+    p.add_argument("--max-waiting", type=positive_int, default=1024,
+                   help="queued requests before new ones get Overloaded (default 1024)")
+    p.set_defaults(handler="titanserve.launcher.commands_serve:serve")
     return parser
 
 
 # ---------------------------------------------------------------------- entry point
-def serve(args: argparse.Namespace) -> int:
-    """`titanserve serve`: the persistent server has not landed yet."""
-    raise UsageError("serve is not yet available; use `titanserve generate` or `chat`")
-
-
 def _check_launcher_flags(args: argparse.Namespace) -> None:
     given = [f"--{name}" for name in MULTINODE_FLAGS if getattr(args, name) is not None]
     if given:
@@ -224,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser()
         args, extra = parser.parse_known_args(argv)
-        if extra and args.command != "serve":  # serve takes anything, then says it's missing
+        if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         _check_launcher_flags(args)
         module, name = args.handler.split(":")

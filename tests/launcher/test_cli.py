@@ -118,7 +118,9 @@ def test_bench_reports_throughput(tiny_llama):
         (["make-model", "tiny-gpt5", "--out", "x"], ["invalid choice", "tiny-gpt5"]),
         (["make-model", "tiny-llama", "--out", "x", "--experts", "4"], ["smollm2-moe"]),
         (["--hostfile", "hosts", "generate", "{model}", "--prompt", "hi"], ["not yet supported"]),
-        (["serve", "{model}"], ["not yet available"]),
+        (["serve", "{model}", "--address", "tcp://0.0.0.0:7733"], ["keygen", "--keys"]),
+        (["serve", "{model}", "--address", "udp://x"], ["tcp://HOST:PORT or ipc://PATH"]),
+        (["serve", "{model}", "--keys", "/no/such/dir"], ["no key pair", "keygen"]),
         ([], ["<command>"]),
     ],
 )

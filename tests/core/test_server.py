@@ -1,0 +1,283 @@
+"""The scheduler process's client protocol, with raw DEALER sockets (no client library):
+results equal the offline API, streams add up, bad input gets ErrorReply and serving goes on."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import msgspec
+import pytest
+import zmq
+
+from titanserve import LLM, SamplingParams
+from titanserve.core.server import Server
+from titanserve.ipc import messages as m
+
+FAMILY = "llama"
+
+
+class RawClient:
+    """A DEALER socket speaking the protocol by hand."""
+
+    def __init__(self, address: str, curve_server_key: bytes | None = None) -> None:
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        if curve_server_key is not None:
+            self.sock.curve_publickey, self.sock.curve_secretkey = zmq.curve_keypair()
+            self.sock.curve_serverkey = curve_server_key
+        self.sock.connect(address)
+        self.decoder = msgspec.msgpack.Decoder(m.ToClient)
+
+    def send(self, msg) -> None:
+        self.sock.send(msgspec.msgpack.encode(msg))
+
+    def recv(self, timeout_s: float = 30.0):
+        if not self.sock.poll(int(timeout_s * 1000)):
+            raise TimeoutError("no reply")
+        return self.decoder.decode(self.sock.recv())
+
+    def until_finished(self, request_id: str) -> list:
+        replies = []
+        while True:
+            reply = self.recv()
+            if getattr(reply, "request_id", None) != request_id:
+                continue
+            replies.append(reply)
+            if isinstance(reply, m.ErrorReply) or reply.finished:
+                return replies
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def greedy(max_tokens: int = 12, **kw) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **kw)
+
+
+def start(llm: LLM, address: str, **kw) -> tuple[Server, threading.Event, threading.Thread]:
+    server = Server(llm.engine, address, **kw)
+    stop = threading.Event()
+    thread = threading.Thread(target=server.serve_forever, args=(stop,), daemon=True)
+    thread.start()
+    return server, stop, thread
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model, tmp_path_factory):
+    """(address, a reference LLM on the same checkpoint) with a server thread running."""
+    path = str(tiny_model(FAMILY))
+    address = f"ipc://{tmp_path_factory.mktemp('srv')}/sock"
+    llm, reference = LLM(path, progress=False), LLM(path, progress=False)
+    server, stop, thread = start(llm, address)
+    yield address, reference
+    stop.set()
+    thread.join(10)
+    server.close()
+    llm.shutdown()
+    reference.shutdown()
+
+
+@pytest.fixture
+def client(served):
+    c = RawClient(served[0])
+    yield c
+    c.close()
+
+
+def test_generate_equals_the_offline_api(served, client, random_prompts):
+    _, reference = served
+    prompts = random_prompts([5, 17, 9], seed=1)
+    want = reference.generate(prompts, greedy(logprobs=2))
+    for i, prompt in enumerate(prompts):
+        client.send(m.GenerateRequest(request_id=f"r{i}", sampling=greedy(logprobs=2),
+                                      prompt_token_ids=prompt))
+    got = {}
+    for _ in prompts:
+        reply = client.recv()
+        got[reply.request_id] = reply
+    for i, out in enumerate(want):
+        reply = got[f"r{i}"]
+        assert reply.finished and reply.finish_reason == "length"
+        assert (reply.new_token_ids, reply.new_text) == (out.token_ids, out.text)
+        assert reply.logprobs == pytest.approx(out.logprobs, abs=1e-5)
+        assert len(reply.top_logprobs) == len(out.token_ids)
+        assert (reply.num_prompt_tokens, reply.num_generated_tokens) == (len(prompts[i]), 12)
+
+
+def test_stream_deltas_add_up_and_text_prompts_and_chat_work(served, client):
+    _, reference = served
+    (want,) = reference.generate(["hello world"], greedy(16))
+    client.send(m.GenerateRequest(request_id="s", sampling=greedy(16), prompt="hello world",
+                                  stream=True))
+    deltas = client.until_finished("s")
+    assert len(deltas) > 1 and [d.finished for d in deltas][-1] and not deltas[0].finished
+    assert sum((d.new_token_ids for d in deltas), []) == want.token_ids
+    assert "".join(d.new_text for d in deltas) == want.text
+    counts = [d.num_generated_tokens for d in deltas]
+    assert counts == sorted(counts) and counts[-1] == 16
+    turns = [{"role": "user", "content": "hi there"}]
+    (chat_want,) = reference.chat(turns, greedy(8))
+    client.send(m.GenerateRequest(request_id="c", sampling=greedy(8),
+                                  messages=[m.ChatMessage(role="user", content="hi there")]))
+    (reply,) = client.until_finished("c")
+    assert (reply.new_token_ids, reply.new_text) == (chat_want.token_ids, chat_want.text)
+
+
+def test_bad_input_gets_error_replies_and_serving_goes_on(served, client):
+    client.sock.send(b"\xc1 not msgpack")
+    reply = client.recv()
+    assert isinstance(reply, m.ErrorReply) and reply.kind == "invalid_request"
+    assert reply.request_id is None and "bad message" in reply.message
+    client.sock.send_multipart([b"two", b"frames"])
+    assert client.recv().kind == "invalid_request"
+    bad_sampling = {"type": "GenerateRequest", "request_id": "x", "prompt_token_ids": [5],
+                    "sampling": {"temperature": -1.0}}
+    client.sock.send(msgspec.msgpack.encode(bad_sampling))
+    assert "temperature" in client.recv().message
+    for rid, prompt in [("empty", []), ("vocab", [5, 10**6])]:
+        client.send(m.GenerateRequest(request_id=rid, sampling=greedy(), prompt_token_ids=prompt))
+        reply = client.recv()
+        assert (reply.kind, reply.request_id) == ("invalid_request", rid)
+    client.send(m.GenerateRequest(request_id="ok", sampling=greedy(3), prompt_token_ids=[5, 6]))
+    (reply,) = client.until_finished("ok")
+    assert len(reply.new_token_ids) == 3
+
+
+def test_abort_ends_a_stream_and_unknown_ids_are_refused(served, client):
+    client.send(m.GenerateRequest(request_id="long", sampling=greedy(200),
+                                  prompt_token_ids=[5, 6, 7], stream=True))
+    first = client.recv()
+    assert first.request_id == "long" and not first.finished
+    client.send(m.AbortRequest(request_id="long"))
+    last = client.until_finished("long")[-1]
+    assert (last.finished, last.finish_reason) == (True, "abort")
+    assert last.num_generated_tokens < 200
+    client.send(m.AbortRequest(request_id="nobody"))
+    reply = client.recv()
+    assert (reply.kind, reply.request_id) == ("invalid_request", "nobody")
+
+
+def test_request_ids_belong_to_their_client(served, client):
+    other = RawClient(served[0])
+    try:
+        for c, prompt in ((client, [5, 6]), (other, [9, 10, 11])):
+            c.send(m.GenerateRequest(request_id="same", sampling=greedy(200), stream=True,
+                                     prompt_token_ids=prompt))
+        other.send(m.AbortRequest(request_id="same"))  # aborts only its own
+        assert other.until_finished("same")[-1].finish_reason == "abort"
+        client.send(m.GenerateRequest(request_id="same", sampling=greedy(), prompt_token_ids=[5]))
+        replies = client.until_finished("same")
+        assert isinstance(replies[-1], m.ErrorReply) and "already in flight" in replies[-1].message
+        assert client.until_finished("same")[-1].finish_reason == "length"
+    finally:
+        other.close()
+
+
+def test_health_and_stats(served, client):
+    client.send(m.HealthRequest())
+    health = client.recv()
+    assert isinstance(health, m.HealthReply) and health.ok and health.num_workers == 1
+    prompt = list(range(3, 40))
+    for rid in ("a", "b"):  # the second finds the first's blocks in the prefix cache
+        client.send(m.GenerateRequest(request_id=rid, sampling=greedy(2), prompt_token_ids=prompt))
+        client.until_finished(rid)
+    client.send(m.StatsRequest())
+    stats = client.recv()
+    assert isinstance(stats, m.StatsReply)
+    assert stats.num_requests_total >= 2 and stats.num_generated_tokens_total >= 4
+    assert stats.prefix_cache_hit_rate > 0 and stats.num_steps_total > 0
+    assert stats.num_running == stats.num_waiting == 0 and len(stats.kv_cache_usage) == 1
+
+
+def test_full_queue_answers_overloaded(tiny_model, tmp_path):
+    with LLM(str(tiny_model(FAMILY)), progress=False) as llm:
+        server, stop, thread = start(llm, f"ipc://{tmp_path}/sock", max_waiting=1)
+        client = RawClient(f"ipc://{tmp_path}/sock")
+        try:
+            for i in range(4):  # read in one go, before any step admits the first
+                client.send(m.GenerateRequest(request_id=f"q{i}", sampling=greedy(2),
+                                              prompt_token_ids=[5, 6]))
+            kinds = {}
+            while len(kinds) < 4:
+                reply = client.recv()
+                kinds[reply.request_id] = getattr(reply, "kind", "ok")
+            assert kinds["q0"] == "ok" and "overloaded" in kinds.values()
+        finally:
+            client.close()
+            stop.set()
+            thread.join(10)
+            server.close()
+
+
+@pytest.mark.skipif(not zmq.has("curve"), reason="libzmq built without CurveZMQ")
+def test_curve_server_refuses_clients_without_its_key(tiny_model, tmp_path):
+    public, secret = zmq.curve_keypair()
+    with LLM(str(tiny_model(FAMILY)), progress=False) as llm:
+        address = f"ipc://{tmp_path}/sock"
+        server, stop, thread = start(llm, address, curve_keys=(public, secret))
+        plain, keyed = RawClient(address), RawClient(address, curve_server_key=public)
+        try:
+            plain.send(m.HealthRequest())
+            with pytest.raises(TimeoutError):
+                plain.recv(timeout_s=1.0)
+            keyed.send(m.HealthRequest())
+            assert keyed.recv().ok
+        finally:
+            plain.close()
+            keyed.close()
+            stop.set()
+            thread.join(10)
+            server.close()
+
+
+def test_killed_worker_fails_requests_in_flight_and_health(tiny_model, tmp_path):
+    with LLM(str(tiny_model(FAMILY)), num_workers=2, progress=False) as llm:
+        address = f"ipc://{tmp_path}/sock"
+        server, stop, thread = start(llm, address)
+        client = RawClient(address)
+        try:
+            client.send(m.GenerateRequest(request_id="r", sampling=greedy(500), stream=True,
+                                          prompt_token_ids=[5, 6, 7]))
+            client.recv()
+            os.kill(llm.engine.executor.procs[1].pid, signal.SIGKILL)
+            last = client.until_finished("r")[-1]
+            assert isinstance(last, m.ErrorReply) and last.kind == "worker_lost"
+            client.send(m.HealthRequest())
+            assert not client.recv().ok
+            client.send(m.GenerateRequest(request_id="n", sampling=greedy(), prompt_token_ids=[5]))
+            assert client.recv().kind == "worker_lost"
+        finally:
+            client.close()
+            stop.set()
+            thread.join(10)
+            server.close()
+
+
+def test_serve_command_runs_until_sigterm(tiny_model, tmp_path):
+    address = f"ipc://{tmp_path}/sock"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "titanserve.launcher.cli", "serve", str(tiny_model(FAMILY)),
+         "--address", address],
+        stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        lines = iter(proc.stderr.readline, "")  # the loading bar comes first
+        ready = next((line for line in lines if "serving" in line), "")
+        assert address in ready and "1 worker" in ready, ready
+        client = RawClient(address)
+        client.send(m.GenerateRequest(request_id="x", sampling=greedy(4), prompt="hi"))
+        (reply,) = client.until_finished("x")
+        assert len(reply.new_token_ids) == 4
+        client.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert "server stopped" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            time.sleep(0.1)
