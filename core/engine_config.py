@@ -1,14 +1,23 @@
-"""Engine settings (the CLI flags' names), resolved once against the model."""
+"""Engine settings (the CLI flags' names), resolved once against the model.
+
+Imports torch only inside the methods that need it: the wire messages carry an EngineConfig,
+and light clients import those messages.
+"""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
-import torch
-
-from titanserve.core.config import ModelConfig, parse_dtype
 from titanserve.core.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+    from titanserve.core.config import ModelConfig
+
+DTYPE_NAMES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -31,7 +40,10 @@ class EngineConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        parse_dtype(self.dtype)
+        if self.dtype not in DTYPE_NAMES:
+            raise ValueError(
+                f"unknown dtype {self.dtype!r}; choose one of float32, bfloat16, float16"
+            )
         positive = ["num_workers", "max_num_batched_tokens", "max_num_seqs", "block_size"]
         for name in positive:
             if getattr(self, name) < 1:
@@ -53,9 +65,13 @@ class EngineConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        from titanserve.core.config import parse_dtype
+
         return parse_dtype(self.dtype)
 
     def resolve_device(self, rank: int = 0) -> torch.device:
+        import torch
+
         if self.device == "auto":
             if torch.cuda.is_available():
                 return torch.device("cuda", rank % torch.cuda.device_count())
@@ -100,6 +116,8 @@ class EngineConfig:
 
 def _free_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
+        import torch
+
         free, _ = torch.cuda.mem_get_info(device)
         return free
     try:

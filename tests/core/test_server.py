@@ -281,3 +281,30 @@ def test_serve_command_runs_until_sigterm(tiny_model, tmp_path):
         if proc.poll() is None:
             proc.kill()
             time.sleep(0.1)
+
+
+def test_client_library_against_the_real_server(served, random_prompts):
+    import asyncio
+
+    from titanserve.core.errors import InvalidRequest
+    from titanserve.ipc import AsyncClient, Client
+
+    address, reference = served
+    prompts = random_prompts([4, 11, 23, 6, 15, 9, 30, 2], seed=7)
+    want = reference.generate(prompts, greedy(10))
+    with Client(address, timeout_s=30) as client:
+        got = client.generate(prompts[0], greedy(10))
+        assert (got.token_ids, got.text, got.finish_reason) == (
+            want[0].token_ids, want[0].text, "length")
+        deltas = list(client.stream(prompts[1], greedy(10)))
+        assert sum((d.new_token_ids for d in deltas), []) == want[1].token_ids
+        with pytest.raises(InvalidRequest, match="empty"):
+            client.generate([], greedy())
+        assert client.health().ok
+
+    async def many() -> list:
+        async with AsyncClient(address, timeout_s=30) as client:
+            return await asyncio.gather(*(client.generate(p, greedy(10)) for p in prompts))
+
+    outs = asyncio.run(many())
+    assert [o.token_ids for o in outs] == [w.token_ids for w in want]

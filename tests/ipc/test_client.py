@@ -409,3 +409,23 @@ def test_async_timeout_errors_and_close(tmp_path) -> None:
 
     with fake_server(tmp_path) as (_, address):
         asyncio.run(main(address))
+
+
+def test_the_client_imports_without_torch():
+    """Light clients (examples, HTTP front ends on other machines) must not need torch."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from titanserve.ipc import Client, AsyncClient, Completion; "
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_engine_config_knows_every_dtype_the_model_code_does():
+    from titanserve.core.config import DTYPES
+    from titanserve.core.engine_config import DTYPE_NAMES
+
+    assert set(DTYPE_NAMES) == set(DTYPES)
