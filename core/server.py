@@ -190,6 +190,12 @@ class Server:
                 owner = self.owners.pop(rid)
                 self._send(owner.client, ErrorReply(
                     kind="invalid_request", message=str(e), request_id=owner.request_id))
+        except Exception as e:  # a bug: the engine's state is unknown, so tell everyone, stop
+            for owner in self.owners.values():
+                self._send(owner.client, ErrorReply(
+                    kind="internal", message=f"server error: {e}", request_id=owner.request_id))
+            self.owners.clear()
+            raise
         for delta in deltas:
             self._deliver(delta.request_id, delta)
 

@@ -308,3 +308,23 @@ def test_client_library_against_the_real_server(served, random_prompts):
 
     outs = asyncio.run(many())
     assert [o.token_ids for o in outs] == [w.token_ids for w in want]
+
+
+def test_an_engine_bug_fails_requests_in_flight_then_stops_the_loop(tiny_model, tmp_path):
+    with LLM(str(tiny_model(FAMILY)), progress=False) as llm:
+        address = f"ipc://{tmp_path}/sock"
+        server = Server(llm.engine, address)
+        client = RawClient(address)
+        try:
+            client.send(m.GenerateRequest(request_id="r", sampling=greedy(),
+                                          prompt_token_ids=[5, 6]))
+            server._read_messages(first_wait_ms=5000)
+            llm.engine.step = lambda: 1 / 0  # an injected fault
+            with pytest.raises(ZeroDivisionError):
+                server.serve_forever()
+            reply = client.recv()
+            assert (reply.kind, reply.request_id) == ("internal", "r")
+            assert "division by zero" in reply.message
+        finally:
+            client.close()
+            server.close()
