@@ -98,7 +98,7 @@ class Engine:
 
     def _make_executor(self):
         c = self.config
-        if c.num_workers == 1:
+        if c.num_workers == 1 and not c.worker_processes:
             from titanserve.core.executor import InProcessExecutor
 
             return InProcessExecutor(

@@ -33,7 +33,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     return {f: getattr(args, f) for f in ENGINE_FIELDS if getattr(args, f, None) is not None}
 
 
-def open_engine(args: argparse.Namespace):
+def open_engine(args: argparse.Namespace, **overrides):
     """An `LLM` for `args.model` with the given engine flags (checks the path first)."""
     path = Path(args.model).expanduser()
     if not path.exists():
@@ -45,7 +45,7 @@ def open_engine(args: argparse.Namespace):
         raise UsageError(f"{args.model!r} is not a checkpoint folder (no config.json)")
     from titanserve.core.llm import LLM
 
-    return LLM(str(path), **engine_kwargs(args))
+    return LLM(str(path), **{**engine_kwargs(args), **overrides})
 
 
 def sampling_params(args: argparse.Namespace, **extra):

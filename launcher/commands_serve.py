@@ -42,7 +42,7 @@ def serve(args: argparse.Namespace) -> int:
         )
     from titanserve.core.server import Server
 
-    llm = open_engine(args)
+    llm = open_engine(args, worker_processes=True)  # the scheduler never holds the model
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -3,6 +3,7 @@ results equal the offline API, streams add up, bad input gets ErrorReply and ser
 
 from __future__ import annotations
 
+import glob
 import os
 import signal
 import subprocess
@@ -258,7 +259,20 @@ def test_killed_worker_fails_requests_in_flight_and_health(tiny_model, tmp_path)
             server.close()
 
 
+def _children_of(pid: int) -> set[int]:
+    found = set()
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            fields = open(stat).read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[1] == str(pid):
+            found.add(int(stat.split("/")[2]))
+    return found
+
+
 def test_serve_command_runs_until_sigterm(tiny_model, tmp_path):
+    """One worker still gets a process of its own: the scheduler never holds the model."""
     address = f"ipc://{tmp_path}/sock"
     proc = subprocess.Popen(
         [sys.executable, "-m", "titanserve.launcher.cli", "serve", str(tiny_model(FAMILY)),
@@ -269,6 +283,7 @@ def test_serve_command_runs_until_sigterm(tiny_model, tmp_path):
         lines = iter(proc.stderr.readline, "")  # the loading bar comes first
         ready = next((line for line in lines if "serving" in line), "")
         assert address in ready and "1 worker" in ready, ready
+        (worker,) = _children_of(proc.pid)
         client = RawClient(address)
         client.send(m.GenerateRequest(request_id="x", sampling=greedy(4), prompt="hi"))
         (reply,) = client.until_finished("x")
@@ -277,6 +292,10 @@ def test_serve_command_runs_until_sigterm(tiny_model, tmp_path):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
         assert "server stopped" in proc.stderr.read()
+        deadline = time.monotonic() + 5  # the worker is gone with the server, not orphaned
+        while os.path.exists(f"/proc/{worker}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not os.path.exists(f"/proc/{worker}")
     finally:
         if proc.poll() is None:
             proc.kill()
