@@ -114,6 +114,8 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         num_full = min(request.num_computed_tokens // self.block_size, len(request.block_ids))
+        if num_full <= request.num_published_blocks:  # most decode steps fill no block
+            return
         hashes = self._hashes(request)
         bs = self.block_size
         for i in range(request.num_published_blocks, num_full):

@@ -97,7 +97,10 @@ class Server:
             if not self.sock.poll(wait):
                 return
             wait = 0
-            frames = self.sock.recv_multipart()
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:  # poll said readable, nothing came: never block here
+                return
             if len(frames) != 2:
                 if frames:
                     self._send(frames[0], ErrorReply(kind="invalid_request", message=(
@@ -244,8 +247,9 @@ class Server:
         )
 
     def close(self) -> None:
-        self.sock.close()
-        self.ctx.term()
+        """Close the socket (after serve_forever has returned) and its context."""
+        self.sock.close(linger=0)
+        self.ctx.destroy(linger=0)
 
 
 def _engine_id(client: bytes, request_id: str) -> str:

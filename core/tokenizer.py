@@ -13,6 +13,7 @@ from pathlib import Path
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
+from tokenizers.decoders import DecodeStream
 
 from titanserve.core.errors import ConfigError, InvalidRequest
 
@@ -89,28 +90,23 @@ def _raise(message: str):
 
 
 class IncrementalDetokenizer:
-    """Text deltas for a stream of token ids (vLLM's prefix/read offset method)."""
+    """Text deltas for a stream of token ids: `tokenizers`' DecodeStream (in Rust), primed
+    with the prompt's last tokens so that the first output token's leading space survives."""
 
     def __init__(
         self, tokenizer: Tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool = True
     ):
-        self.tokenizer = tokenizer
-        self.skip_special_tokens = skip_special_tokens
-        self.token_ids: list[int] = list(prompt_token_ids[-6:])  # context for leading spaces
-        self.prefix_offset = 0
-        self.read_offset = len(self.token_ids)
+        self._tok = tokenizer._tok
+        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+        for token_id in prompt_token_ids[-6:]:  # context only: what it prints is not ours
+            self._step(token_id)
         self.text = ""
 
     def push(self, token_id: int) -> str:
         """Append one token, return the new text it completes (possibly empty)."""
-        self.token_ids.append(token_id)
-        decode = lambda ids: self.tokenizer.decode(ids, self.skip_special_tokens)  # noqa: E731
-        prefix_text = decode(self.token_ids[self.prefix_offset : self.read_offset])
-        full_text = decode(self.token_ids[self.prefix_offset :])
-        if len(full_text) > len(prefix_text) and not full_text.endswith("\ufffd"):
-            delta = full_text[len(prefix_text) :]
-            self.prefix_offset = self.read_offset
-            self.read_offset = len(self.token_ids)
-            self.text += delta
-            return delta
-        return ""
+        delta = self._step(token_id)
+        self.text += delta
+        return delta
+
+    def _step(self, token_id: int) -> str:
+        return self._stream.step(self._tok, token_id) or ""  # None: waits for more bytes

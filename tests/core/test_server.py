@@ -28,6 +28,7 @@ class RawClient:
     def __init__(self, address: str, curve_server_key: bytes | None = None) -> None:
         self.sock = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SNDTIMEO, 10_000)  # a send that cannot go out fails the test
         if curve_server_key is not None:
             self.sock.curve_publickey, self.sock.curve_secretkey = zmq.curve_keypair()
             self.sock.curve_serverkey = curve_server_key
@@ -78,6 +79,7 @@ def served(tiny_model, tmp_path_factory):
     yield address, reference
     stop.set()
     thread.join(10)
+    assert not thread.is_alive(), "the server loop did not stop"
     server.close()
     llm.shutdown()
     reference.shutdown()
@@ -212,6 +214,7 @@ def test_full_queue_answers_overloaded(tiny_model, tmp_path):
             client.close()
             stop.set()
             thread.join(10)
+            assert not thread.is_alive(), "the server loop did not stop"
             server.close()
 
 
@@ -233,6 +236,7 @@ def test_curve_server_refuses_clients_without_its_key(tiny_model, tmp_path):
             keyed.close()
             stop.set()
             thread.join(10)
+            assert not thread.is_alive(), "the server loop did not stop"
             server.close()
 
 
@@ -256,6 +260,7 @@ def test_killed_worker_fails_requests_in_flight_and_health(tiny_model, tmp_path)
             client.close()
             stop.set()
             thread.join(10)
+            assert not thread.is_alive(), "the server loop did not stop"
             server.close()
 
 
