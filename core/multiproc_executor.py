@@ -159,7 +159,11 @@ class MultiProcExecutor:
             if not self.sock.poll(POLL_MS):
                 self._check_alive()
                 continue
-            frames = self.sock.recv_multipart(copy=False)
+            try:  # NOTE: a ROUTER can poll readable for a closed pipe: never block in recv
+                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                self._check_alive()
+                continue
             identity = bytes(frames[0].buffer)  # b"w<rank>" main socket, b"h<rank>" heartbeats
             try:
                 rank = int(identity[1:].decode())

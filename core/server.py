@@ -99,7 +99,7 @@ class Server:
             wait = 0
             try:
                 frames = self.sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:  # poll said readable, nothing came: never block here
+            except zmq.Again:  # a ROUTER can poll readable for a closed pipe: never block here
                 return
             if len(frames) != 2:
                 if frames:

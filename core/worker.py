@@ -160,11 +160,16 @@ class HeartbeatThread(threading.Thread):
 def _next_message(sock: zmq.Socket, decoder, encoder, rank: int):
     """The next well-formed message for this worker, or None once the engine has died."""
     while True:
-        if not sock.poll(int(PARENT_CHECK_S * 1000)):
+        frames = None
+        if sock.poll(int(PARENT_CHECK_S * 1000)):
+            try:  # poll can report a readable socket that has nothing after all: never block
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                pass
+        if frames is None:
             if os.getppid() != _ENGINE_PID:  # the engine died: never outlive it
                 return None
             continue
-        frames = sock.recv_multipart(copy=False)
         try:
             return decoder.decode(frames[0].buffer)
         except DECODE_ERRORS as e:
