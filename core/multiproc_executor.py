@@ -39,6 +39,7 @@ from titanserve.ipc.messages import (
     WorkerError,
     WorkerReady,
 )
+from titanserve.ipc.sockets import recv_ready
 from titanserve.ipc.tensor_frames import decode_tensor
 
 POLL_MS = 100
@@ -156,12 +157,8 @@ class MultiProcExecutor:
     def _recv(self) -> tuple[int, object, list]:
         """Next well-formed message from a worker; garbage is dropped, deaths raise."""
         while True:
-            if not self.sock.poll(POLL_MS):
-                self._check_alive()
-                continue
-            try:  # NOTE: a ROUTER can poll readable for a closed pipe: never block in recv
-                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
+            frames = recv_ready(self.sock, POLL_MS, copy=False)
+            if frames is None:
                 self._check_alive()
                 continue
             identity = bytes(frames[0].buffer)  # b"w<rank>" main socket, b"h<rank>" heartbeats

@@ -33,6 +33,7 @@ from titanserve.ipc.messages import (
     StatsRequest,
     ToScheduler,
 )
+from titanserve.ipc.sockets import recv_ready
 
 log = logging.getLogger("titanserve.server")
 
@@ -94,13 +95,10 @@ class Server:
     def _read_messages(self, first_wait_ms: int) -> None:
         wait = first_wait_ms
         for _ in range(MAX_MESSAGES_PER_STEP):
-            if not self.sock.poll(wait):
+            frames = recv_ready(self.sock, wait)
+            if frames is None:
                 return
             wait = 0
-            try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:  # a ROUTER can poll readable for a closed pipe: never block here
-                return
             if len(frames) != 2:
                 if frames:
                     self._send(frames[0], ErrorReply(kind="invalid_request", message=(

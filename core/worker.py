@@ -35,6 +35,7 @@ from titanserve.ipc.messages import (
     WorkerError,
     WorkerReady,
 )
+from titanserve.ipc.sockets import recv_ready
 from titanserve.ipc.tensor_frames import encode_tensor
 from titanserve.moe.dispatch import ExpertParallel
 from titanserve.moe.layer import MoELayer
@@ -160,12 +161,7 @@ class HeartbeatThread(threading.Thread):
 def _next_message(sock: zmq.Socket, decoder, encoder, rank: int):
     """The next well-formed message for this worker, or None once the engine has died."""
     while True:
-        frames = None
-        if sock.poll(int(PARENT_CHECK_S * 1000)):
-            try:  # poll can report a readable socket that has nothing after all: never block
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                pass
+        frames = recv_ready(sock, int(PARENT_CHECK_S * 1000), copy=False)
         if frames is None:
             if os.getppid() != _ENGINE_PID:  # the engine died: never outlive it
                 return None

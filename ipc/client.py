@@ -42,6 +42,7 @@ from titanserve.ipc.messages import (
     ToClient,
     ToScheduler,
 )
+from titanserve.ipc.sockets import recv_ready
 
 if TYPE_CHECKING:  # at run time loaded on first use, see __getattr__ at the end
     from titanserve.ipc.async_client import AsyncClient
@@ -404,9 +405,13 @@ class Client:
         if self._sock.closed:
             raise TitanserveError("the client is closed")
         wait_ms = math.ceil((deadline - time.monotonic()) * 1000)
-        if wait_ms <= 0 or not self._sock.poll(wait_ms):
-            raise _timeout(self.address, self.timeout_s)
-        _route(self._sock.recv(), self._requests, self._asks)
+        frames = recv_ready(self._sock, wait_ms) if wait_ms > 0 else None
+        if frames is None:
+            if time.monotonic() >= deadline:
+                raise _timeout(self.address, self.timeout_s)
+            return  # readable with nothing to read: the caller pumps again
+        for data in frames:
+            _route(data, self._requests, self._asks)
 
 
 def __getattr__(name: str):
