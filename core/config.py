@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from titanserve.core.engine_config import DTYPE_ALIASES, canonical_dtype_name
 from titanserve.core.errors import ConfigError
 
 # Architecture name -> family. One decoder implementation serves them all.
@@ -25,23 +26,14 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen3MoeForCausalLM": "qwen3_moe",
 }
 
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
+DTYPES = {name: getattr(torch, canonical) for name, canonical in DTYPE_ALIASES.items()}
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     """'float32' | 'bfloat16' | 'float16' (or a torch.dtype) -> torch.dtype."""
     if isinstance(name, torch.dtype):
         return name
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; choose one of float32, bfloat16, float16")
-    return DTYPES[name]
+    return DTYPES[canonical_dtype_name(name)]
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,23 @@ if TYPE_CHECKING:
 
     from titanserve.core.config import ModelConfig
 
-DTYPE_NAMES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+# Accepted dtype names -> torch's name for them (core.config maps these to torch dtypes).
+DTYPE_ALIASES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+}
+DTYPE_NAMES = tuple(DTYPE_ALIASES)
+
+
+def canonical_dtype_name(name: str) -> str:
+    """torch's name for dtype `name`; a one-line ValueError for a name we do not serve."""
+    if name not in DTYPE_ALIASES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of float32, bfloat16, float16")
+    return DTYPE_ALIASES[name]
 
 
 @dataclass(frozen=True)
@@ -43,10 +59,7 @@ class EngineConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPE_NAMES:
-            raise ValueError(
-                f"unknown dtype {self.dtype!r}; choose one of float32, bfloat16, float16"
-            )
+        canonical_dtype_name(self.dtype)
         positive = ["num_workers", "max_num_batched_tokens", "max_num_seqs", "block_size"]
         for name in positive:
             if getattr(self, name) < 1:
