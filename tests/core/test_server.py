@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 
 import msgspec
 import pytest
@@ -56,17 +57,31 @@ class RawClient:
     def close(self) -> None:
         self.sock.close()
 
+    def __enter__(self) -> RawClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 def greedy(max_tokens: int = 12, **kw) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **kw)
 
 
-def start(llm: LLM, address: str, **kw) -> tuple[Server, threading.Event, threading.Thread]:
+@contextmanager
+def serving(llm: LLM, address: str, **kw):
+    """A Server on `address` looping in a thread; on exit the loop must stop, then closes."""
     server = Server(llm.engine, address, **kw)
     stop = threading.Event()
     thread = threading.Thread(target=server.serve_forever, args=(stop,), daemon=True)
     thread.start()
-    return server, stop, thread
+    try:
+        yield server
+    finally:
+        stop.set()
+        thread.join(10)
+        assert not thread.is_alive(), "the server loop did not stop"
+        server.close()
 
 
 @pytest.fixture(scope="module")
@@ -74,22 +89,15 @@ def served(tiny_model, tmp_path_factory):
     """(address, a reference LLM on the same checkpoint) with a server thread running."""
     path = str(tiny_model(FAMILY))
     address = f"ipc://{tmp_path_factory.mktemp('srv')}/sock"
-    llm, reference = LLM(path, progress=False), LLM(path, progress=False)
-    server, stop, thread = start(llm, address)
-    yield address, reference
-    stop.set()
-    thread.join(10)
-    assert not thread.is_alive(), "the server loop did not stop"
-    server.close()
-    llm.shutdown()
-    reference.shutdown()
+    with LLM(path, progress=False) as llm, LLM(path, progress=False) as reference:
+        with serving(llm, address):
+            yield address, reference
 
 
 @pytest.fixture
 def client(served):
-    c = RawClient(served[0])
-    yield c
-    c.close()
+    with RawClient(served[0]) as c:
+        yield c
 
 
 def test_generate_equals_the_offline_api(served, client, random_prompts):
@@ -198,70 +206,49 @@ def test_health_and_stats(served, client):
 
 
 def test_full_queue_answers_overloaded(tiny_model, tmp_path):
-    with LLM(str(tiny_model(FAMILY)), progress=False) as llm:
-        server, stop, thread = start(llm, f"ipc://{tmp_path}/sock", max_waiting=1)
-        client = RawClient(f"ipc://{tmp_path}/sock")
-        try:
-            for i in range(4):  # read in one go, before any step admits the first
-                client.send(m.GenerateRequest(request_id=f"q{i}", sampling=greedy(2),
-                                              prompt_token_ids=[5, 6]))
-            kinds = {}
-            while len(kinds) < 4:
-                reply = client.recv()
-                kinds[reply.request_id] = getattr(reply, "kind", "ok")
-            assert kinds["q0"] == "ok" and "overloaded" in kinds.values()
-        finally:
-            client.close()
-            stop.set()
-            thread.join(10)
-            assert not thread.is_alive(), "the server loop did not stop"
-            server.close()
+    address = f"ipc://{tmp_path}/sock"
+    with LLM(str(tiny_model(FAMILY)), progress=False) as llm, serving(
+        llm, address, max_waiting=1
+    ), RawClient(address) as client:
+        for i in range(4):  # read in one go, before any step admits the first
+            client.send(m.GenerateRequest(request_id=f"q{i}", sampling=greedy(2),
+                                          prompt_token_ids=[5, 6]))
+        kinds = {}
+        while len(kinds) < 4:
+            reply = client.recv()
+            kinds[reply.request_id] = getattr(reply, "kind", "ok")
+        assert kinds["q0"] == "ok" and "overloaded" in kinds.values()
 
 
 @pytest.mark.skipif(not zmq.has("curve"), reason="libzmq built without CurveZMQ")
 def test_curve_server_refuses_clients_without_its_key(tiny_model, tmp_path):
     public, secret = zmq.curve_keypair()
-    with LLM(str(tiny_model(FAMILY)), progress=False) as llm:
-        address = f"ipc://{tmp_path}/sock"
-        server, stop, thread = start(llm, address, curve_keys=(public, secret))
-        plain, keyed = RawClient(address), RawClient(address, curve_server_key=public)
-        try:
-            plain.send(m.HealthRequest())
-            with pytest.raises(TimeoutError):
-                plain.recv(timeout_s=1.0)
-            keyed.send(m.HealthRequest())
-            assert keyed.recv().ok
-        finally:
-            plain.close()
-            keyed.close()
-            stop.set()
-            thread.join(10)
-            assert not thread.is_alive(), "the server loop did not stop"
-            server.close()
+    address = f"ipc://{tmp_path}/sock"
+    with LLM(str(tiny_model(FAMILY)), progress=False) as llm, serving(
+        llm, address, curve_keys=(public, secret)
+    ), RawClient(address) as plain, RawClient(address, curve_server_key=public) as keyed:
+        plain.send(m.HealthRequest())
+        with pytest.raises(TimeoutError):
+            plain.recv(timeout_s=1.0)
+        keyed.send(m.HealthRequest())
+        assert keyed.recv().ok
 
 
 def test_killed_worker_fails_requests_in_flight_and_health(tiny_model, tmp_path):
-    with LLM(str(tiny_model(FAMILY)), num_workers=2, progress=False) as llm:
-        address = f"ipc://{tmp_path}/sock"
-        server, stop, thread = start(llm, address)
-        client = RawClient(address)
-        try:
-            client.send(m.GenerateRequest(request_id="r", sampling=greedy(500), stream=True,
-                                          prompt_token_ids=[5, 6, 7]))
-            client.recv()
-            os.kill(llm.engine.executor.procs[1].pid, signal.SIGKILL)
-            last = client.until_finished("r")[-1]
-            assert isinstance(last, m.ErrorReply) and last.kind == "worker_lost"
-            client.send(m.HealthRequest())
-            assert not client.recv().ok
-            client.send(m.GenerateRequest(request_id="n", sampling=greedy(), prompt_token_ids=[5]))
-            assert client.recv().kind == "worker_lost"
-        finally:
-            client.close()
-            stop.set()
-            thread.join(10)
-            assert not thread.is_alive(), "the server loop did not stop"
-            server.close()
+    address = f"ipc://{tmp_path}/sock"
+    with LLM(str(tiny_model(FAMILY)), num_workers=2, progress=False) as llm, serving(
+        llm, address
+    ), RawClient(address) as client:
+        client.send(m.GenerateRequest(request_id="r", sampling=greedy(500), stream=True,
+                                      prompt_token_ids=[5, 6, 7]))
+        client.recv()
+        os.kill(llm.engine.executor.procs[1].pid, signal.SIGKILL)
+        last = client.until_finished("r")[-1]
+        assert isinstance(last, m.ErrorReply) and last.kind == "worker_lost"
+        client.send(m.HealthRequest())
+        assert not client.recv().ok
+        client.send(m.GenerateRequest(request_id="n", sampling=greedy(), prompt_token_ids=[5]))
+        assert client.recv().kind == "worker_lost"
 
 
 def _children_of(pid: int) -> set[int]:
