@@ -7,20 +7,18 @@ import signal
 import sys
 import threading
 
+from titanserve.ipc.collectives.mesh_sockets import is_loopback_endpoint
 from titanserve.launcher.cli import UsageError
 from titanserve.launcher.commands_run import open_engine
 
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
-
 
 def needs_keys(address: str) -> bool:
-    """Whether binding `address` exposes the server beyond this machine."""
-    if address.startswith(("ipc://", "inproc://")):
+    """Whether binding `address` exposes the server beyond this machine (the mesh's rule)."""
+    if address.startswith("inproc://"):
         return False
-    if not address.startswith("tcp://"):
+    if not address.startswith(("tcp://", "ipc://")):
         raise UsageError(f"address {address!r}: use tcp://HOST:PORT or ipc://PATH")
-    host = address[len("tcp://") :].rsplit(":", 1)[0]
-    return host not in LOOPBACK_HOSTS
+    return not is_loopback_endpoint(address)
 
 
 def serve(args: argparse.Namespace) -> int:
