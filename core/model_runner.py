@@ -1,7 +1,8 @@
 """Model runner: turns a StepPlan into tensors, runs the decoder, samples.
 
-One runner lives in each worker. It owns the model shard, the paged KV cache
-`[layers, 2, num_blocks, block_size, kv_heads, head_dim]` and the sampler state.
+One runner lives in each worker. It owns the model shard, the paged KV cache (keys and values,
+each `[layers, num_blocks, block_size, kv_heads, head_dim]`, see `core.model.kv_cache`) and the
+sampler state.
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ from titanserve.core.config import ModelConfig
 from titanserve.core.cpu_malloc import tune_malloc
 from titanserve.core.model.attention import AttentionMetadata, PrefillChunk
 from titanserve.core.model.decoder import DecoderModel
+from titanserve.core.model.kv_cache import allocate_kv_caches, key_pages
 from titanserve.core.model.loader import load_weights
 from titanserve.core.sampler import Sampler, SamplingState
 from titanserve.ipc.messages import SeqPlan, SeqResult, StepPlan, StepResult
+from titanserve.kernels.backend import backend
+from titanserve.kernels.paged_decode_rows import decode_rows
 from titanserve.moe.placement import ExpertPlacement
 
 
@@ -53,19 +57,11 @@ class ModelRunner:
         finally:
             torch.set_default_dtype(previous)
         load_weights(self.model, model_path, placement, progress=progress)
-        # Head-major in memory, (L, 2, Hk, num_blocks, block_size, D), so that gathering a
-        # batch's pages gives (Hk, B, L, D), what batched matmuls want; everything else sees
-        # the logical (L, 2, num_blocks, block_size, Hk, D) through this permuted view.
-        self.kv_caches = torch.zeros(
-            cfg.num_layers,
-            2,
-            cfg.num_kv_heads,
-            num_blocks,
-            block_size,
-            cfg.head_dim,
-            dtype=dtype,
-            device=device,
-        ).permute(0, 1, 3, 4, 2, 5)
+        self.k_caches, self.v_caches = allocate_kv_caches(
+            cfg.num_layers, cfg.num_kv_heads, num_blocks, block_size, cfg.head_dim, dtype, device
+        )  # each (L, num_blocks, block_size, Hk, D)
+        # CPU fp32 caches keep keys page-transposed: decode then reads them in place.
+        self.decode_in_place = cfg.num_layers > 0 and key_pages(self.k_caches[0]) is not None
         self.sampler = Sampler(seed)
         self.lockstep = False  # set by a worker whose layers run collectives
         self.states: dict[str, SamplingState] = {}
@@ -142,13 +138,14 @@ class ModelRunner:
         if meta is None:
             meta = AttentionMetadata(
                 positions=token_ids,
-                slot_mapping=token_ids,
+                slot_blocks=token_ids,
+                slot_offsets=token_ids,
                 num_decode_tokens=0,
                 decode_block_tables=torch.empty(0, 1, dtype=torch.int32),
                 decode_context_lens=torch.empty(0, dtype=torch.int32),
                 prefills=[],
             )
-        return self.model(token_ids, meta, self.kv_caches)
+        return self.model(token_ids, meta, self.k_caches, self.v_caches)
 
     # ------------------------------------------------------------------ inputs
     def _prepare(self, seqs: list[SeqPlan]) -> tuple[torch.Tensor, AttentionMetadata, list[int]]:
@@ -187,12 +184,28 @@ class ModelRunner:
         for i, t in enumerate(decode_tables):
             table[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
         dev = self.device
+        slot_tensor = torch.tensor(slots, dtype=torch.int64, device=dev)
+        lens = torch.tensor(decode_lens, dtype=torch.int32, device=dev)
+        rows = None
+        if decode_lens and self.decode_in_place and backend(lens) == "torch":
+            cfg = self.cfg
+            rows = decode_rows(
+                table,
+                lens,
+                cfg.num_kv_heads,
+                cfg.num_heads // cfg.num_kv_heads,
+                self.num_blocks,
+                bs,
+                cfg.head_dim,
+            )
         meta = AttentionMetadata(
             positions=torch.tensor(positions, dtype=torch.int64, device=dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            slot_blocks=slot_tensor // bs,
+            slot_offsets=slot_tensor % bs,
             num_decode_tokens=len(decode_lens),
             decode_block_tables=table.to(dev),
-            decode_context_lens=torch.tensor(decode_lens, dtype=torch.int32, device=dev),
+            decode_context_lens=lens,
             prefills=prefills,
+            decode_rows=rows,
         )
         return torch.tensor(token_ids, dtype=torch.int64, device=dev), meta, starts

@@ -20,18 +20,23 @@ def gather_pages(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tenso
     """The pages of `block_tables` (B, max_blocks) out of a (num_blocks, block_size, Hk, D)
     cache, as one (Hk, B, L, D) tensor, L = max_blocks * block_size.
 
-    Fast when the cache is head-major in memory (a (Hk, num_blocks, block_size, D) tensor
-    seen through a permute, as the model runner allocates it): one row copy per (head, page).
-    Any other layout gives the same values through a strided copy.
+    Fast when the cache is head-major in memory (a (Hk, num_blocks, block_size, D) tensor, or
+    the page-transposed (Hk, num_blocks, D, block_size) one, seen through a permute, as the KV
+    cache allocates them): one row copy per (head, page). Any other layout gives the same
+    values through a strided copy.
     """
     num_blocks, block_size, Hk, D = cache.shape
     B, max_blocks = block_tables.shape
-    pages = cache.permute(2, 0, 1, 3)  # (Hk, num_blocks, block_size, D)
     flat = block_tables.reshape(-1).long()  # (B * max_blocks,)
+    heads = torch.arange(Hk, device=cache.device) * num_blocks  # (Hk,)
+    rows = (heads[:, None] + flat[None, :]).reshape(-1)  # (Hk * B * max_blocks,)
+    pages = cache.permute(2, 0, 1, 3)  # (Hk, num_blocks, block_size, D)
+    transposed = cache.permute(2, 0, 3, 1)  # (Hk, num_blocks, D, block_size)
     if pages.is_contiguous():
-        heads = torch.arange(Hk, device=cache.device) * num_blocks  # (Hk,)
-        rows = (heads[:, None] + flat[None, :]).reshape(-1)  # (Hk * B * max_blocks,)
         out = pages.reshape(Hk * num_blocks, block_size * D).index_select(0, rows)
+    elif transposed.is_contiguous():
+        out = transposed.reshape(Hk * num_blocks, D * block_size).index_select(0, rows)
+        out = out.view(Hk, B * max_blocks, D, block_size).transpose(-1, -2).contiguous()
     else:
         out = pages.index_select(1, flat)
     return out.view(Hk, B, max_blocks * block_size, D)
@@ -57,7 +62,7 @@ def paged_decode_attn_torch(
     similar length so that short ones do not gather the long ones' padding.
     """
     scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else scale
-    groups = _length_groups(context_lens, k_cache.shape[1])
+    groups = length_groups(context_lens, k_cache.shape[1])
     if groups is None:
         return _decode_group(q, k_cache, v_cache, block_tables, context_lens, scale)
     out = torch.empty_like(q)  # (B, Hq, D)
@@ -74,7 +79,7 @@ MIN_GROUP = 16  # sequences per length group
 MAX_GROUPS = 4
 
 
-def _length_groups(context_lens: torch.Tensor, block_size: int):
+def length_groups(context_lens: torch.Tensor, block_size: int):
     """[(rows, blocks needed)] for up to MAX_GROUPS groups of sequences sorted by length, or
     None when one padded batch wastes little (under a quarter of the keys it reads)."""
     B = context_lens.shape[0]
@@ -122,8 +127,8 @@ LOG2E = 1.4426950408889634
 def _paged_decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr, lse_ptr,
     B, Hq, D, group, block_size, keys_per_split, scale_log2,
-    stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    stride_bt,
+    stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vh, stride_vd, stride_bt,
     PRECISION: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One (sequence, kv head, split): the G query heads of the kv head over the split's keys."""
@@ -151,7 +156,7 @@ def _paged_decode_kernel(
                        mask=key_ok, other=0).to(tl.int64)
         slot = (keys % block_size).to(tl.int64)
         k_off = page * stride_kb + slot * stride_ks + kv_head * stride_kh  # (BLOCK_N,)
-        k = tl.load(k_cache_ptr + k_off[None, :] + offs_d[:, None],
+        k = tl.load(k_cache_ptr + k_off[None, :] + offs_d[:, None] * stride_kd,
                     mask=d_ok[:, None] & key_ok[None, :], other=0.0)  # (BLOCK_D, BLOCK_N)
         s = tl.dot(q, k, input_precision=PRECISION) * scale_log2  # (BLOCK_G, BLOCK_N)
         s = tl.where(key_ok[None, :], s, float("-inf"))
@@ -160,7 +165,7 @@ def _paged_decode_kernel(
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v_off = page * stride_vb + slot * stride_vs + kv_head * stride_vh  # (BLOCK_N,)
-        v = tl.load(v_cache_ptr + v_off[:, None] + offs_d[None, :],
+        v = tl.load(v_cache_ptr + v_off[:, None] + offs_d[None, :] * stride_vd,
                     mask=key_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
@@ -195,8 +200,7 @@ def paged_decode_attn_triton(
     """Triton `paged_decode_attn_torch`: split-K over the context (num_splits 0 = choose),
     each split's partial result merged with `lse_merge_triton`."""
     require_launchable("paged_decode_attn", q, k_cache, v_cache, block_tables, context_lens)
-    require(q.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1,
-            "paged_decode_attn: q and the caches need a contiguous head dim")
+    require(q.stride(2) == 1, "paged_decode_attn: q needs a contiguous head dim")
     require(q.dtype == k_cache.dtype == v_cache.dtype,
             "paged_decode_attn: q and the caches must share a dtype")
     B, Hq, D = q.shape
@@ -212,7 +216,7 @@ def paged_decode_attn_triton(
         _paged_decode_kernel[(B, Hk, splits)](
             q, k_cache, v_cache, block_tables, context_lens, part_out, part_lse,
             B, Hq, D, group, block_size, keys_per_split, scale * LOG2E,
-            q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
+            q.stride(0), q.stride(1), *k_cache.stride(), *v_cache.stride(),
             block_tables.stride(0), PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
             BLOCK_G=max(16, next_pow2(group)), BLOCK_N=block_n, BLOCK_D=max(16, next_pow2(D)),
         )

@@ -12,8 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from titanserve.core.config import ModelConfig
+from titanserve.core.model.kv_cache import key_pages, value_pages
 from titanserve.kernels import ops
 from titanserve.kernels.paged_decode import gather_pages
+from titanserve.kernels.paged_decode_rows import DecodeRows, paged_decode_attn_rows
 
 
 @dataclass
@@ -31,11 +33,13 @@ class AttentionMetadata:
     """Built by the model runner from a StepPlan. NOTE: decode rows come first."""
 
     positions: torch.Tensor  # (T,) int64
-    slot_mapping: torch.Tensor  # (T,) int64: block_id * block_size + offset
+    slot_blocks: torch.Tensor  # (T,) int64: the cache block each token's k/v goes to
+    slot_offsets: torch.Tensor  # (T,) int64: its offset in that block
     num_decode_tokens: int
     decode_block_tables: torch.Tensor  # (Bd, max_blocks) int32
     decode_context_lens: torch.Tensor  # (Bd,) int32
     prefills: list[PrefillChunk]
+    decode_rows: DecodeRows | None = None  # set where decode reads the cache in place (CPU)
 
 
 class Attention(nn.Module):
@@ -72,7 +76,8 @@ class Attention(nn.Module):
         self,
         x: torch.Tensor,  # (T, H)
         meta: AttentionMetadata,
-        kv_cache: torch.Tensor,  # (2, num_blocks, block_size, Hk, D), head-major in memory
+        k_cache: torch.Tensor,  # (num_blocks, block_size, Hk, D), see core.model.kv_cache
+        v_cache: torch.Tensor,  # (num_blocks, block_size, Hk, D)
         cos_sin: torch.Tensor,  # (max_pos, R)
     ) -> torch.Tensor:
         T = x.shape[0]
@@ -86,13 +91,17 @@ class Attention(nn.Module):
             k = ops.rms_norm(k, self.k_norm, self.eps)
         ops.rotary(q, k, meta.positions, cos_sin)
 
-        k_cache, v_cache = kv_cache[0], kv_cache[1]  # (num_blocks, block_size, Hk, D)
-        k_cache.flatten(0, 1).index_copy_(0, meta.slot_mapping, k)  # a view in any layout
-        v_cache.flatten(0, 1).index_copy_(0, meta.slot_mapping, v)
+        slots = (meta.slot_blocks, meta.slot_offsets)
+        k_cache.index_put_(slots, k)  # in place whatever the memory order
+        v_cache.index_put_(slots, v)
 
         out = torch.empty_like(q)  # (T, Hq, D)
         nd = meta.num_decode_tokens
-        if nd:
+        if nd and meta.decode_rows is not None:
+            out[:nd] = paged_decode_attn_rows(
+                q[:nd], key_pages(k_cache), value_pages(v_cache), meta.decode_rows, self.scale
+            )[0]
+        elif nd:
             out[:nd] = ops.paged_decode_attn(
                 q[:nd],
                 k_cache,

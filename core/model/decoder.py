@@ -25,13 +25,13 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, residual, meta, kv_cache, cos_sin):
+    def forward(self, x, residual, meta, k_cache, v_cache, cos_sin):
         if residual is None:
             residual = x
             x = self.input_layernorm(x)
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(x, meta, kv_cache, cos_sin)
+        x = self.self_attn(x, meta, k_cache, v_cache, cos_sin)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
@@ -60,12 +60,13 @@ class DecoderModel(nn.Module):
         self,
         token_ids: torch.Tensor,  # (T,) int64
         meta: AttentionMetadata,
-        kv_caches: torch.Tensor,  # (L, 2, num_blocks, block_size, Hk, D)
+        k_caches: torch.Tensor,  # (L, num_blocks, block_size, Hk, D)
+        v_caches: torch.Tensor,  # (L, num_blocks, block_size, Hk, D)
     ) -> torch.Tensor:
         x = F.embedding(token_ids, self.embed_tokens)  # (T, H)
         residual = None
         for i, layer in enumerate(self.layers):
-            x, residual = layer(x, residual, meta, kv_caches[i], self.cos_sin)
+            x, residual = layer(x, residual, meta, k_caches[i], v_caches[i], self.cos_sin)
         if residual is None:  # no layers
             return self.norm(x)
         x, _ = self.norm(x, residual)

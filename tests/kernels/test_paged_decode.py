@@ -9,8 +9,8 @@ import torch
 from titanserve.kernels import forced_backend, ops
 from titanserve.kernels.launch import interpreting
 from titanserve.kernels.paged_decode import (
-    _length_groups,
     gather_pages,
+    length_groups,
     paged_decode_attn_torch,
     paged_decode_attn_triton,
 )
@@ -39,10 +39,11 @@ def decode_loop(q, k_cache, v_cache, block_tables, context_lens):
 
 
 def make_decode(B, Hq, Hk, D, block_size, max_blocks, context_lens, num_blocks=None,
-                dtype=torch.float32, device="cpu", seed=0, head_major=False):
+                dtype=torch.float32, device="cpu", seed=0, head_major=False, keys_transposed=False):
     """(q, k_cache, v_cache, block_tables, context_lens); each sequence gets random blocks.
     `head_major`: the caches are (Hk, num_blocks, block_size, D) in memory, seen permuted
-    (the model runner's layout)."""
+    (the KV cache's layout); `keys_transposed`: also keys as (Hk, num_blocks, D, block_size)
+    (its CPU fp32 layout)."""
     gen = torch.Generator().manual_seed(seed)
     num_blocks = num_blocks or max_blocks + 7
     k_cache = torch.randn(num_blocks, block_size, Hk, D, generator=gen)
@@ -57,6 +58,9 @@ def make_decode(B, Hq, Hk, D, block_size, max_blocks, context_lens, num_blocks=N
         k_cache, v_cache = (c.permute(2, 0, 1, 3).contiguous().permute(1, 2, 0, 3)
                             for c in (k_cache, v_cache))
         assert k_cache.permute(2, 0, 1, 3).is_contiguous()
+    if keys_transposed:
+        k_cache = k_cache.permute(2, 0, 3, 1).contiguous().permute(1, 3, 0, 2)
+        assert k_cache.permute(2, 0, 3, 1).is_contiguous()
     return (q.to(device, dtype), k_cache.to(device, dtype), v_cache.to(device, dtype),
             tables.to(device), lens.to(device))
 
@@ -77,16 +81,20 @@ CASES = [
 ]
 
 
+LAYOUTS = {"plain": {}, "head_major": {"head_major": True},
+           "keys_transposed": {"head_major": True, "keys_transposed": True}}
+
+
 @pytest.mark.parametrize("Hq,Hk,D,block_size,max_blocks,lens", CASES)
-@pytest.mark.parametrize("head_major", [False, True])
-def test_torch_matches_loop(Hq, Hk, D, block_size, max_blocks, lens, head_major):
-    args = make_decode(len(lens), Hq, Hk, D, block_size, max_blocks, lens, head_major=head_major)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_torch_matches_loop(Hq, Hk, D, block_size, max_blocks, lens, layout):
+    args = make_decode(len(lens), Hq, Hk, D, block_size, max_blocks, lens, **LAYOUTS[layout])
     assert_decode_close(paged_decode_attn_torch(*args), decode_loop(*args))
 
 
-@pytest.mark.parametrize("head_major", [False, True])
-def test_gather_pages_is_the_block_table_in_head_major_order(head_major):
-    _, cache, _, tables, _ = make_decode(3, 4, 2, 8, 4, 5, [5, 0, 18], head_major=head_major)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gather_pages_is_the_block_table_in_head_major_order(layout):
+    _, cache, _, tables, _ = make_decode(3, 4, 2, 8, 4, 5, [5, 0, 18], **LAYOUTS[layout])
     got = gather_pages(cache, tables)  # (Hk, B, L, D)
     want = torch.stack([cache[t.long()].flatten(0, 1) for t in tables])  # (B, L, Hk, D)
     assert torch.equal(got, want.permute(2, 0, 1, 3))
@@ -96,8 +104,8 @@ def test_gather_pages_is_the_block_table_in_head_major_order(head_major):
 @pytest.mark.parametrize("Hq,Hk,D,block_size,max_blocks,lens", CASES)
 @pytest.mark.parametrize("num_splits", [1, 3, 0])
 def test_triton_matches_torch(Hq, Hk, D, block_size, max_blocks, lens, num_splits):
-    args = make_decode(len(lens), Hq, Hk, D, block_size, max_blocks, lens,
-                       head_major=num_splits == 3)
+    layout = {1: "plain", 3: "head_major", 0: "keys_transposed"}[num_splits]
+    args = make_decode(len(lens), Hq, Hk, D, block_size, max_blocks, lens, **LAYOUTS[layout])
     got = paged_decode_attn_triton(*args, num_splits=num_splits, block_n=16)
     assert_decode_close(got, paged_decode_attn_torch(*args))
 
@@ -134,9 +142,9 @@ def test_triton_matches_torch_cuda_bf16(D, num_splits):
 def test_sequences_of_mixed_lengths_are_grouped_and_exact():
     lens = [1, 0, 60, 3] * 8 + [7] * 8  # 40 sequences, one long one per four: worth grouping
     args = make_decode(len(lens), 4, 2, 8, 4, 15, lens, num_blocks=160, head_major=True)
-    groups = _length_groups(args[4], block_size=4)
+    groups = length_groups(args[4], block_size=4)
     assert groups is not None and len(groups) == 2
     assert sorted(torch.cat([rows for rows, _ in groups]).tolist()) == list(range(len(lens)))
     assert [width for _, width in groups] == [1, 15]  # the short half reads 1 block, not 15
     assert_decode_close(paged_decode_attn_torch(*args), decode_loop(*args))
-    assert _length_groups(torch.full((40,), 50), block_size=4) is None  # no padding to save
+    assert length_groups(torch.full((40,), 50), block_size=4) is None  # no padding to save

@@ -1,0 +1,75 @@
+"""paged_decode_attn_rows (CPU decode through embedding_bag, reading the cache in place) vs
+paged_decode_attn_torch: GQA/MQA, empty contexts, block size 1, length groups, pages shared by
+several sequences (prefix caching), and unused table entries pointing at live blocks."""
+
+import pytest
+import torch
+
+from tests.kernels.test_paged_decode import CASES, assert_decode_close, decode_loop, make_decode
+from titanserve.core.model.kv_cache import allocate_kv_caches, key_pages, value_pages
+from titanserve.kernels.paged_decode import paged_decode_attn_torch
+from titanserve.kernels.paged_decode_rows import decode_rows, paged_decode_attn_rows
+
+
+def run_rows(q, k_cache, v_cache, tables, lens, scale=None):
+    Hq, D = q.shape[1:]
+    Hk, block_size = k_cache.shape[2], k_cache.shape[1]
+    rows = decode_rows(tables, lens, Hk, Hq // Hk, k_cache.shape[0], block_size, D)
+    scale = D**-0.5 if scale is None else scale
+    return rows, paged_decode_attn_rows(q, key_pages(k_cache), value_pages(v_cache), rows, scale)
+
+
+@pytest.mark.parametrize("Hq,Hk,D,block_size,max_blocks,lens", CASES)
+def test_rows_match_the_loop(Hq, Hk, D, block_size, max_blocks, lens):
+    args = make_decode(
+        len(lens), Hq, Hk, D, block_size, max_blocks, lens, head_major=True, keys_transposed=True
+    )
+    _, got = run_rows(*args)
+    assert_decode_close(got, decode_loop(*args), atol=1e-5, rtol=1e-5)
+
+
+def test_length_groups_and_shared_pages():
+    lens = [1, 0, 60, 3] * 8 + [7] * 8  # 40 sequences: worth grouping by length
+    q, k_cache, v_cache, tables, lens = make_decode(
+        len(lens), 8, 2, 16, 4, 15, lens, num_blocks=160, head_major=True, keys_transposed=True
+    )
+    tables[::5, 0] = tables[2, 0]  # one page in many sequences' tables, as a cached prefix is
+    lens[::5] = torch.clamp(lens[::5], min=1)
+    rows, got = run_rows(q, k_cache, v_cache, tables, lens, scale=0.3)
+    assert len(rows.groups) == 2
+    want = paged_decode_attn_torch(q, k_cache, v_cache, tables, lens, scale=0.3)
+    assert_decode_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_padding_never_leaks_into_a_sequence():
+    """Sequence 0's table entries past its context point at sequence 1's pages; poisoning
+    those pages and the unused slots of sequence 0's last page changes nothing for it."""
+    q, k_cache, v_cache, tables, lens = make_decode(
+        4, 4, 2, 8, 4, 6, [5, 24, 9, 1], num_blocks=24, head_major=True, keys_transposed=True
+    )
+    tables[:] = torch.arange(24).view(4, 6)  # no page in two sequences
+    tables[0, 2:] = tables[1, 2:]
+    _, before = run_rows(q, k_cache, v_cache, tables, lens)
+    for cache in (k_cache, v_cache):
+        cache[tables[1, 2:].long()] = 1e30
+        cache[tables[0, 1].long(), 1:] = 1e30  # sequence 0 uses slot 0 of its 2nd page only
+    _, after = run_rows(q, k_cache, v_cache, tables, lens)
+    torch.testing.assert_close(after[0][0], before[0][0])
+    torch.testing.assert_close(after[1][0], before[1][0])
+    assert not torch.allclose(after[0][1], before[0][1])  # the poison did reach sequence 1
+
+
+def test_kv_cache_layout_and_writes():
+    """allocate_kv_caches: logical (L, blocks, bs, Hk, D) views; on CPU fp32 the keys are
+    page-transposed and index_put_ writes land in that memory."""
+    keys, values = allocate_kv_caches(2, 3, 5, 4, 8, torch.float32, torch.device("cpu"))
+    assert keys.shape == values.shape == (2, 5, 4, 3, 8)
+    assert key_pages(keys[1]) is not None and value_pages(values[1]).is_contiguous()
+    x = torch.randn(2, 3, 8)  # two tokens
+    blocks, offsets = torch.tensor([4, 0]), torch.tensor([3, 1])
+    keys[1].index_put_((blocks, offsets), x)
+    assert torch.equal(key_pages(keys[1])[:, 4, :, 3], x[0])  # (Hk, D) of block 4, slot 3
+    assert torch.equal(keys[1, 0, 1], x[1])
+    assert keys[0].abs().sum() == 0
+    bf16_keys, _ = allocate_kv_caches(1, 3, 5, 4, 8, torch.bfloat16, torch.device("cpu"))
+    assert key_pages(bf16_keys[0]) is None  # other dtypes keep the plain head-major keys
