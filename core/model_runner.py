@@ -180,9 +180,8 @@ class ModelRunner:
                     )
                 )
         width = max((len(t) for t in decode_tables), default=1)
-        table = torch.zeros(len(decode_tables), width, dtype=torch.int32)
-        for i, t in enumerate(decode_tables):
-            table[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        padded = [t + [0] * (width - len(t)) for t in decode_tables]  # unused entries: block 0
+        table = torch.tensor(padded, dtype=torch.int32).view(len(decode_tables), width)
         dev = self.device
         slot_tensor = torch.tensor(slots, dtype=torch.int64, device=dev)
         lens = torch.tensor(decode_lens, dtype=torch.int32, device=dev)

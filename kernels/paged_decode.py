@@ -62,7 +62,7 @@ def paged_decode_attn_torch(
     similar length so that short ones do not gather the long ones' padding.
     """
     scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else scale
-    groups = length_groups(context_lens, k_cache.shape[1])
+    groups = _length_groups(context_lens, k_cache.shape[1])
     if groups is None:
         return _decode_group(q, k_cache, v_cache, block_tables, context_lens, scale)
     out = torch.empty_like(q)  # (B, Hq, D)
@@ -79,7 +79,7 @@ MIN_GROUP = 16  # sequences per length group
 MAX_GROUPS = 4
 
 
-def length_groups(context_lens: torch.Tensor, block_size: int):
+def _length_groups(context_lens: torch.Tensor, block_size: int):
     """[(rows, blocks needed)] for up to MAX_GROUPS groups of sequences sorted by length, or
     None when one padded batch wastes little (under a quarter of the keys it reads)."""
     B = context_lens.shape[0]

@@ -9,8 +9,9 @@ Both products of decode attention are weighted sums of cache rows, which is what
   keys are stored page-transposed, one row of `block_size` keys per (kv head, page, d);
 * output: the sum over keys of p[key] * v[key], so values stay one row of D per key.
 
-Legend: B sequences, Hq query heads, Hk kv heads, G = Hq // Hk, D head dim, P pages per
-sequence (padded), bs block size, L = P * bs key slots.
+Legend: B sequences, Hq query heads, Hk kv heads, G = Hq // Hk, D head dim, bs block size,
+N pages the batch's contexts use in all (no padding: every op is one call whatever the mix of
+lengths, and a short sequence never reads a long one's padding).
 """
 
 from __future__ import annotations
@@ -20,29 +21,22 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from titanserve.kernels.paged_decode import length_groups
-
-
-@dataclass(frozen=True)
-class RowGroup:
-    """The cache rows a group of similar-length decode sequences reads."""
-
-    seqs: torch.Tensor | None  # (b,) int64 rows of the batch, None for the whole batch
-    key_rows: torch.Tensor  # (Hk * b * G * P, D) int32: rows of the keys' (Hk*blocks*D, bs) view
-    value_rows: torch.Tensor  # (Hk * b * G, L) int32: rows of the values' (Hk*blocks*bs, D) view
-    hidden: torch.Tensor  # (b, L) bool: slots past each sequence's context
-
 
 @dataclass(frozen=True)
 class DecodeRows:
-    """The cache rows one decode batch reads, built once per step and used by every layer."""
+    """The cache rows one decode batch reads, built once per step and used by every layer.
+    Pages are listed sequence by sequence; bags are ordered (kv head, query head in group, ...)."""
 
-    groups: list[RowGroup]
-    group: int  # G query heads per kv head
+    seq_of_page: torch.Tensor  # (N,) int64: the sequence each page belongs to
+    hidden: torch.Tensor  # (N, bs) bool: slots past their sequence's context
+    key_rows: torch.Tensor  # (Hk*G*N, D) int64: rows of the keys' (Hk*blocks*D, bs) view
+    value_rows: torch.Tensor  # (Hk*G*N*bs,) int64: rows of the values' (Hk*blocks*bs, D) view
+    value_offsets: torch.Tensor  # (Hk*G*B,) int64: where each (head, sequence) bag starts
+    num_seqs: int
 
 
 def decode_rows(
-    block_tables: torch.Tensor,  # (B, P) int, pages past a context may hold any valid block
+    block_tables: torch.Tensor,  # (B, P) int; entries past a context are ignored
     context_lens: torch.Tensor,  # (B,) int
     num_kv_heads: int,
     group: int,
@@ -50,34 +44,29 @@ def decode_rows(
     block_size: int,
     head_dim: int,
 ) -> DecodeRows:
-    """Index the rows `paged_decode_attn_rows` reads for this batch (layer independent).
-    Sequences of very different lengths are split into groups of similar length, so that
-    short ones do not read the long ones' padding."""
-    layout = (num_kv_heads, group, num_blocks, block_size, head_dim)
-    split = length_groups(context_lens, block_size)
-    if split is None:
-        return DecodeRows([_row_group(None, block_tables, context_lens, *layout)], group)
-    return DecodeRows(
-        [
-            _row_group(seqs, block_tables[seqs, :width], context_lens[seqs], *layout)
-            for seqs, width in split
-        ],
-        group,
-    )
-
-
-def _row_group(seqs, block_tables, context_lens, Hk, G, num_blocks, bs, D) -> RowGroup:
+    """Index the rows `paged_decode_attn_rows` reads for this batch (layer independent)."""
     B, P = block_tables.shape
-    pages = torch.arange(Hk)[:, None, None] * num_blocks + block_tables.long()[None]  # (Hk,B,P)
-    key_rows = (pages[:, :, None, :, None] * D + torch.arange(D)).expand(Hk, B, G, P, D)
-    slots = torch.arange(P * bs)  # (L,)
-    value_rows = pages[:, :, slots // bs] * bs + slots % bs  # (Hk, B, L)
-    value_rows = value_rows[:, :, None, :].expand(Hk, B, G, P * bs)
-    return RowGroup(
-        seqs=seqs,
-        key_rows=key_rows.reshape(-1, D).int(),
-        value_rows=value_rows.reshape(-1, P * bs).int(),
-        hidden=slots[None, :] >= context_lens.long()[:, None],
+    Hk, G, D, bs = num_kv_heads, group, head_dim, block_size
+    lens = context_lens.long()
+    num_pages = (lens + bs - 1) // bs  # (B,)
+    used = torch.arange(P) < num_pages[:, None]  # (B, P)
+    pages = block_tables.long()[used]  # (N,)
+    N = pages.shape[0]
+    seq_of_page = torch.arange(B).repeat_interleave(num_pages)  # (N,)
+    first_key = torch.arange(P).expand(B, P)[used] * bs  # (N,) first key of each page
+    hidden = first_key[:, None] + torch.arange(bs) >= lens[seq_of_page][:, None]  # (N, bs)
+    head_pages = torch.arange(Hk)[:, None, None] * num_blocks + pages  # (Hk, 1, N)
+    key_rows = (head_pages[..., None] * D + torch.arange(D)).expand(Hk, G, N, D)
+    value_rows = (head_pages[..., None] * bs + torch.arange(bs)).expand(Hk, G, N, bs)
+    seq_starts = (torch.cumsum(num_pages, 0) - num_pages) * bs  # (B,) first slot of each bag
+    value_offsets = torch.arange(Hk * G)[:, None] * (N * bs) + seq_starts  # (Hk*G, B)
+    return DecodeRows(
+        seq_of_page=seq_of_page,
+        hidden=hidden,
+        key_rows=key_rows.reshape(-1, D),
+        value_rows=value_rows.reshape(-1),
+        value_offsets=value_offsets.reshape(-1),
+        num_seqs=B,
     )
 
 
@@ -90,33 +79,28 @@ def paged_decode_attn_rows(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode attention over the cache in place; returns `(out (B, Hq, D), lse (B, Hq) fp32)`,
     the same as `paged_decode_attn_torch` (fp32 caches; context 0 gives out 0, lse -inf)."""
-    if len(rows.groups) == 1:
-        return _attend(q, key_pages, value_pages, rows.groups[0], rows.group, scale)
-    out = torch.empty_like(q)  # (B, Hq, D)
-    lse = torch.empty(q.shape[:2], dtype=torch.float32)  # (B, Hq)
-    for group in rows.groups:
-        out[group.seqs], lse[group.seqs] = _attend(
-            q[group.seqs], key_pages, value_pages, group, rows.group, scale
-        )
-    return out, lse
-
-
-def _attend(q, key_pages, value_pages, rows: RowGroup, G: int, scale: float):
     B, Hq, D = q.shape
     Hk, _, _, bs = key_pages.shape
-    L = rows.hidden.shape[1]
-    weights = (q * scale).view(B, Hk, G, 1, D).transpose(0, 1).expand(Hk, B, G, L // bs, D)
+    HG, N = Hq, rows.seq_of_page.shape[0]
+    if N == 0:
+        return torch.zeros_like(q), torch.full((B, Hq), float("-inf"))
+    queries = (q * scale).view(B, Hk, Hq // Hk, D).permute(1, 2, 0, 3)  # (Hk, G, B, D)
+    weights = queries.index_select(2, rows.seq_of_page).reshape(-1, D)  # (Hk*G*N, D)
     s = F.embedding_bag(
-        rows.key_rows, key_pages.view(-1, bs), mode="sum", per_sample_weights=weights.reshape(-1, D)
-    ).view(Hk, B, G, L)  # scaled scores
-    s.masked_fill_(rows.hidden[None, :, None, :], float("-inf"))
-    m = s.amax(dim=-1, keepdim=True)  # (Hk, B, G, 1), -inf for empty contexts
-    m.masked_fill_(m == float("-inf"), 0.0)
-    p = s.sub_(m).exp_()  # (Hk, B, G, L)
-    denom = p.sum(dim=-1, keepdim=True)  # (Hk, B, G, 1), 0 for empty contexts
+        rows.key_rows, key_pages.view(-1, bs), mode="sum", per_sample_weights=weights
+    ).view(HG, N, bs)  # scaled scores of every page's slots
+    s.masked_fill_(rows.hidden, float("-inf"))
+    seqs = rows.seq_of_page.expand(HG, N)
+    m = s.new_full((HG, B), float("-inf")).scatter_reduce_(1, seqs, s.amax(dim=2), "amax")
+    p = s.sub_(m.gather(1, seqs)[..., None]).exp_()  # (HG, N, bs); m is finite where used
+    denom = s.new_zeros(HG, B).scatter_add_(1, seqs, p.sum(dim=2))  # (HG, B), 0: no context
     out = F.embedding_bag(
-        rows.value_rows, value_pages.view(-1, D), mode="sum", per_sample_weights=p.view(-1, L)
-    )  # (Hk * B * G, D)
-    out = out.view(Hk, B, G, D).div_(denom.masked_fill(denom == 0, 1.0))
-    lse = (m + denom.log()).squeeze(-1)  # (Hk, B, G)
-    return out.transpose(0, 1).reshape(B, Hq, D), lse.transpose(0, 1).reshape(B, Hq)
+        rows.value_rows,
+        value_pages.view(-1, D),
+        rows.value_offsets,
+        mode="sum",
+        per_sample_weights=p.view(-1),
+    )  # (HG * B, D), 0 for an empty bag
+    out = out.view(HG, B, D).div_(denom.clamp(min=1.0)[..., None])  # a used max gives denom >= 1
+    lse = m + denom.log()  # (HG, B), -inf for an empty context
+    return out.permute(1, 0, 2).reshape(B, Hq, D), lse.t().contiguous()

@@ -9,8 +9,8 @@ import torch
 from titanserve.kernels import forced_backend, ops
 from titanserve.kernels.launch import interpreting
 from titanserve.kernels.paged_decode import (
+    _length_groups,
     gather_pages,
-    length_groups,
     paged_decode_attn_torch,
     paged_decode_attn_triton,
 )
@@ -142,9 +142,9 @@ def test_triton_matches_torch_cuda_bf16(D, num_splits):
 def test_sequences_of_mixed_lengths_are_grouped_and_exact():
     lens = [1, 0, 60, 3] * 8 + [7] * 8  # 40 sequences, one long one per four: worth grouping
     args = make_decode(len(lens), 4, 2, 8, 4, 15, lens, num_blocks=160, head_major=True)
-    groups = length_groups(args[4], block_size=4)
+    groups = _length_groups(args[4], block_size=4)
     assert groups is not None and len(groups) == 2
     assert sorted(torch.cat([rows for rows, _ in groups]).tolist()) == list(range(len(lens)))
     assert [width for _, width in groups] == [1, 15]  # the short half reads 1 block, not 15
     assert_decode_close(paged_decode_attn_torch(*args), decode_loop(*args))
-    assert length_groups(torch.full((40,), 50), block_size=4) is None  # no padding to save
+    assert _length_groups(torch.full((40,), 50), block_size=4) is None  # no padding to save
