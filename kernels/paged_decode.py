@@ -15,6 +15,10 @@ import triton.language as tl
 from titanserve.kernels.launch import cdiv, next_pow2, require, require_launchable
 from titanserve.kernels.lse_merge import lse_merge_triton
 
+# exp() below this gives a subnormal or 0, which torch's vectorised CPU exp computes ~20x
+# slower; a key e^87 times less likely than the best one counts as e^-87 instead of less.
+EXP_FLOOR = -87.0
+
 
 def gather_pages(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
     """The pages of `block_tables` (B, max_blocks) out of a (num_blocks, block_size, Hk, D)
@@ -110,7 +114,8 @@ def _decode_group(q, k_cache, v_cache, block_tables, context_lens, scale):
     s.masked_fill_(hidden[None, :, None, :], float("-inf"))
     m = s.amax(dim=-1, keepdim=True)  # (Hk, B, G, 1), -inf for empty contexts
     m = m.masked_fill(m == float("-inf"), 0.0)
-    p = s.sub_(m).exp_()  # (Hk, B, G, L)
+    p = s.sub_(m).clamp_(min=EXP_FLOOR).exp_()  # (Hk, B, G, L)
+    p.masked_fill_(hidden[None, :, None, :], 0.0)
     denom = p.sum(dim=-1, keepdim=True)  # (Hk, B, G, 1), 0 for empty contexts
     out = torch.matmul(p, values).div_(denom.masked_fill(denom == 0, 1.0))  # (Hk, B, G, D)
     lse = (m + denom.log()).squeeze(-1)  # (Hk, B, G)

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from titanserve.kernels.paged_decode import EXP_FLOOR
+
 
 @dataclass(frozen=True)
 class DecodeRows:
@@ -92,7 +94,8 @@ def paged_decode_attn_rows(
     s.masked_fill_(rows.hidden, float("-inf"))
     seqs = rows.seq_of_page.expand(HG, N)
     m = s.new_full((HG, B), float("-inf")).scatter_reduce_(1, seqs, s.amax(dim=2), "amax")
-    p = s.sub_(m.gather(1, seqs)[..., None]).exp_()  # (HG, N, bs); m is finite where used
+    p = s.sub_(m.gather(1, seqs)[..., None])  # (HG, N, bs); m is finite where used
+    p = p.clamp_(min=EXP_FLOOR).exp_().masked_fill_(rows.hidden, 0.0)
     denom = s.new_zeros(HG, B).scatter_add_(1, seqs, p.sum(dim=2))  # (HG, B), 0: no context
     out = F.embedding_bag(
         rows.value_rows,

@@ -81,3 +81,14 @@ def test_every_context_empty():
     )
     _, (out, lse) = run_rows(q, k_cache, v_cache, tables, lens)
     assert torch.equal(out, torch.zeros_like(q)) and torch.isneginf(lse).all()
+
+
+@pytest.mark.parametrize("in_place", [True, False])
+def test_scores_spread_past_exps_range(in_place):
+    """Keys e^100+ times less likely than the best (exp underflows; the kernels floor it at
+    e^-87 for speed) still give the exact attention."""
+    args = make_decode(3, 4, 2, 16, 4, 6, [21, 9, 1], head_major=True, keys_transposed=True)
+    q = args[0] * 40  # scores spread over hundreds
+    want = decode_loop(q, *args[1:])
+    got = run_rows(q, *args[1:])[1] if in_place else paged_decode_attn_torch(q, *args[1:])
+    assert_decode_close(got, want, atol=1e-5, rtol=1e-5)
