@@ -34,7 +34,6 @@ class DecodeRows:
     key_rows: torch.Tensor  # (Hk*G*N, D) int64: rows of the keys' (Hk*blocks*D, bs) view
     value_rows: torch.Tensor  # (Hk*G*N*bs,) int64: rows of the values' (Hk*blocks*bs, D) view
     value_offsets: torch.Tensor  # (Hk*G*B,) int64: where each (head, sequence) bag starts
-    num_seqs: int
 
 
 def decode_rows(
@@ -68,7 +67,6 @@ def decode_rows(
         key_rows=key_rows.reshape(-1, D),
         value_rows=value_rows.reshape(-1),
         value_offsets=value_offsets.reshape(-1),
-        num_seqs=B,
     )
 
 
