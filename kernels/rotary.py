@@ -37,8 +37,23 @@ def rotary_torch(
     """
     cos, sin = cos_sin_cache[positions].float().chunk(2, dim=-1)  # (T, R/2) each
     cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, R/2)
+    both = _heads_side_by_side(q, k)
+    if both is not None:  # k's heads follow q's in memory (slices of one qkv row): one pass
+        _rotate_(both, cos, sin, is_neox)
+        return
     _rotate_(q, cos, sin, is_neox)
     _rotate_(k, cos, sin, is_neox)
+
+
+def _heads_side_by_side(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+    """q and k as one (T, Hq + Hk, D) view when k's heads directly follow q's in memory."""
+    if q.dtype != k.dtype or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+        return None
+    if q.stride() != k.stride() or q.untyped_storage().data_ptr() != k.untyped_storage().data_ptr():
+        return None
+    if k.data_ptr() != q.data_ptr() + q.shape[1] * q.stride(1) * q.element_size():
+        return None
+    return q.as_strided((q.shape[0], q.shape[1] + k.shape[1], q.shape[2]), q.stride())
 
 
 

@@ -6,7 +6,7 @@ import torch
 
 from titanserve.kernels import forced_backend, ops
 from titanserve.kernels.launch import interpreting
-from titanserve.kernels.rotary import rotary_torch, rotary_triton
+from titanserve.kernels.rotary import _heads_side_by_side, rotary_torch, rotary_triton
 
 interp = pytest.mark.skipif(not interpreting(), reason="Triton is compiling (GPU): see gpu tests")
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -117,3 +117,18 @@ def test_triton_matches_torch_cuda_bf16(is_neox):
     rotary_torch(q2, k2, positions, cache, is_neox)
     torch.testing.assert_close(q, q2, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(k, k2, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("is_neox", [True, False])
+def test_side_by_side_q_and_k_rotate_in_one_pass_like_apart(is_neox):
+    """q and k cut from one fused qkv row take the one-pass path; v is left untouched and the
+    result equals rotating separate copies."""
+    gen = torch.Generator().manual_seed(3)
+    qkv, q, k = fused_qkv(6, 4, 2, 16, gen)
+    cache, positions = make_cache(32, 12), torch.tensor([0, 3, 7, 31, 5, 2])
+    q_apart, k_apart, v_before = q.clone(), k.clone(), qkv[:, 6 * 16 :].clone()
+    assert _heads_side_by_side(q, k) is not None and _heads_side_by_side(q_apart, k_apart) is None
+    rotary_torch(q_apart, k_apart, positions, cache, is_neox)  # separate tensors: two passes
+    rotary_torch(q, k, positions, cache, is_neox)
+    assert torch.equal(q, q_apart) and torch.equal(k, k_apart)
+    assert torch.equal(qkv[:, 6 * 16 :], v_before)
