@@ -23,6 +23,10 @@ import torch.nn.functional as F
 
 from titanserve.kernels.paged_decode import EXP_FLOOR
 
+# Past this many key-row indices (Hq * D per page in use) a step's index would cost more
+# memory than gathering one layer's pages does: `decode_rows` then declines.
+MAX_KEY_ROWS = 1 << 24  # 64 MiB of int32
+
 
 @dataclass(frozen=True)
 class DecodeRows:
@@ -31,9 +35,9 @@ class DecodeRows:
 
     seq_of_page: torch.Tensor  # (N,) int64: the sequence each page belongs to
     hidden: torch.Tensor  # (N, bs) bool: slots past their sequence's context
-    key_rows: torch.Tensor  # (Hk*G*N, D) int64: rows of the keys' (Hk*blocks*D, bs) view
-    value_rows: torch.Tensor  # (Hk*G*N*bs,) int64: rows of the values' (Hk*blocks*bs, D) view
-    value_offsets: torch.Tensor  # (Hk*G*B,) int64: where each (head, sequence) bag starts
+    key_rows: torch.Tensor  # (Hk*G*N, D) int32: rows of the keys' (Hk*blocks*D, bs) view
+    value_rows: torch.Tensor  # (Hk*G*N*bs,) int32: rows of the values' (Hk*blocks*bs, D) view
+    value_offsets: torch.Tensor  # (Hk*G*B,) int32: where each (head, sequence) bag starts
 
 
 def decode_rows(
@@ -44,12 +48,17 @@ def decode_rows(
     num_blocks: int,
     block_size: int,
     head_dim: int,
-) -> DecodeRows:
-    """Index the rows `paged_decode_attn_rows` reads for this batch (layer independent)."""
+) -> DecodeRows | None:
+    """Index the rows `paged_decode_attn_rows` reads for this batch (layer independent), or
+    None when it would pass MAX_KEY_ROWS (long contexts, many query heads per kv head) or int32
+    rows: then gather the pages instead."""
     B, P = block_tables.shape
     Hk, G, D, bs = num_kv_heads, group, head_dim, block_size
     lens = context_lens.long()
     num_pages = (lens + bs - 1) // bs  # (B,)
+    too_many = Hk * G * int(num_pages.sum()) * D > MAX_KEY_ROWS
+    if too_many or Hk * num_blocks * max(D, bs) >= 2**31:
+        return None
     used = torch.arange(P) < num_pages[:, None]  # (B, P)
     pages = block_tables.long()[used]  # (N,)
     N = pages.shape[0]
@@ -64,9 +73,9 @@ def decode_rows(
     return DecodeRows(
         seq_of_page=seq_of_page,
         hidden=hidden,
-        key_rows=key_rows.reshape(-1, D),
-        value_rows=value_rows.reshape(-1),
-        value_offsets=value_offsets.reshape(-1),
+        key_rows=key_rows.reshape(-1, D).int(),
+        value_rows=value_rows.reshape(-1).int(),
+        value_offsets=value_offsets.reshape(-1).int(),
     )
 
 

@@ -92,3 +92,25 @@ def test_scores_spread_past_exps_range(in_place):
     want = decode_loop(q, *args[1:])
     got = run_rows(q, *args[1:])[1] if in_place else paged_decode_attn_torch(q, *args[1:])
     assert_decode_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_an_index_past_the_budget_falls_back_to_gathering(tmp_path, monkeypatch):
+    """Past MAX_KEY_ROWS decode_rows declines and the model gathers pages instead (the same
+    keys, page-transposed): greedy tokens and step logits do not change."""
+    from titanserve import LLM, SamplingParams
+    from titanserve.kernels import paged_decode_rows
+    from titanserve.launcher.tiny_models import make_tiny
+
+    args = make_decode(2, 4, 2, 8, 4, 3, [5, 9], head_major=True, keys_transposed=True)
+    assert decode_rows(args[3], args[4], 2, 2, args[1].shape[0], 4, 8) is not None
+    path = make_tiny("llama", tmp_path, num_hidden_layers=2)
+    prompts = [[5, 9, 33, 70, 101, 7, 250], [17, 18, 19]]
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, return_logits=True)
+    with LLM(path, progress=False, block_size=4) as llm:
+        in_place = llm.generate(prompts, params)
+        monkeypatch.setattr(paged_decode_rows, "MAX_KEY_ROWS", 0)
+        assert decode_rows(args[3], args[4], 2, 2, args[1].shape[0], 4, 8) is None
+        gathered = llm.generate(prompts, params)
+    for a, b in zip(in_place, gathered):
+        assert a.token_ids == b.token_ids
+        torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=1e-5)
