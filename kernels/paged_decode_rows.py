@@ -23,9 +23,9 @@ import torch.nn.functional as F
 
 from titanserve.kernels.paged_decode import EXP_FLOOR
 
-# Past this many key-row indices (Hq * D per page in use) a step's index would cost more
-# memory than gathering one layer's pages does: `decode_rows` then declines.
-MAX_KEY_ROWS = 1 << 24  # 64 MiB of int32
+# Past this many row indices (Hq * (D + bs) per page in use) a step's index, and each layer's
+# per-index weights, would cost more memory than gathering pages does: `decode_rows` declines.
+MAX_INDEX_ENTRIES = 1 << 24  # 64 MiB of int32
 
 
 @dataclass(frozen=True)
@@ -50,13 +50,13 @@ def decode_rows(
     head_dim: int,
 ) -> DecodeRows | None:
     """Index the rows `paged_decode_attn_rows` reads for this batch (layer independent), or
-    None when it would pass MAX_KEY_ROWS (long contexts, many query heads per kv head) or int32
-    rows: then gather the pages instead."""
+    None when it would pass MAX_INDEX_ENTRIES (long contexts, many query heads per kv head) or
+    int32 rows: then gather the pages instead."""
     B, P = block_tables.shape
     Hk, G, D, bs = num_kv_heads, group, head_dim, block_size
     lens = context_lens.long()
     num_pages = (lens + bs - 1) // bs  # (B,)
-    too_many = Hk * G * int(num_pages.sum()) * D > MAX_KEY_ROWS
+    too_many = Hk * G * int(num_pages.sum()) * (D + bs) > MAX_INDEX_ENTRIES
     if too_many or Hk * num_blocks * max(D, bs) >= 2**31:
         return None
     used = torch.arange(P) < num_pages[:, None]  # (B, P)

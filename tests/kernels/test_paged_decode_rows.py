@@ -95,7 +95,7 @@ def test_scores_spread_past_exps_range(in_place):
 
 
 def test_an_index_past_the_budget_falls_back_to_gathering(tmp_path, monkeypatch):
-    """Past MAX_KEY_ROWS decode_rows declines and the model gathers pages instead (the same
+    """Past MAX_INDEX_ENTRIES decode_rows declines and the model gathers pages instead (the same
     keys, page-transposed): greedy tokens and step logits do not change."""
     from titanserve import LLM, SamplingParams
     from titanserve.kernels import paged_decode_rows
@@ -108,7 +108,7 @@ def test_an_index_past_the_budget_falls_back_to_gathering(tmp_path, monkeypatch)
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, return_logits=True)
     with LLM(path, progress=False, block_size=4) as llm:
         in_place = llm.generate(prompts, params)
-        monkeypatch.setattr(paged_decode_rows, "MAX_KEY_ROWS", 0)
+        monkeypatch.setattr(paged_decode_rows, "MAX_INDEX_ENTRIES", 0)
         assert decode_rows(args[3], args[4], 2, 2, args[1].shape[0], 4, 8) is None
         gathered = llm.generate(prompts, params)
     for a, b in zip(in_place, gathered):
