@@ -187,9 +187,9 @@ class Engine:
 
     def _step(self) -> list[StepDelta]:
         """Schedule and submit step t, then turn step t-1's tokens into deltas (detokenize,
-        stop strings, finished outputs) while the workers compute, then take step t's results.
-        An executor that computes in this process (`overlaps` False) gets them processed at
-        once instead.
+        stop strings, finished outputs) while the workers compute, then take step t's results
+        worker by worker as they arrive. Where no core is spare (`overlaps` False) each worker's
+        tokens are processed as soon as its results come, while slower workers still compute.
 
         NOTE: so a request that a stop string ends at step t-1 has already been scheduled in
         step t; that token is dropped (its tracker is gone) and its blocks are freed before any
@@ -211,10 +211,10 @@ class Engine:
                     "does not fit in the KV cache"
                 )
             return deltas
-        results = self.executor.collect()
-        self.compute_time_s += max(r.compute_time_s - r.comm_time_s for r, _ in results)
-        sampled: dict[str, int] = {}
-        for result, logits in results:
+        compute_time = 0.0
+        for rank, result, logits in self.executor.collect():  # while the others compute
+            compute_time = max(compute_time, result.compute_time_s - result.comm_time_s)
+            sampled: dict[str, int] = {}
             for seq in result.seqs:
                 tracker = self.trackers.get(seq.request_id)
                 if tracker is None:
@@ -222,14 +222,15 @@ class Engine:
                 self._collect(tracker, seq, logits)
                 if seq.token_id is not None:
                     sampled[seq.request_id] = seq.token_id
-        self.scheduler.update(out, sampled)
-        self._pending = [
-            (s.request.request_id, sampled[s.request.request_id])
-            for s in out.scheduled
-            if s.request.request_id in sampled
-        ]
-        if not self.executor.overlaps:  # nothing to hide them behind: deliver them now
-            deltas += self._process_pending()
+            self.scheduler.update(out, sampled, worker=rank)
+            self._pending += [
+                (s.request.request_id, sampled[s.request.request_id])
+                for s in out.scheduled
+                if s.worker == rank and s.request.request_id in sampled
+            ]
+            if not self.executor.overlaps:  # nothing to hide them behind: deliver them now
+                deltas += self._process_pending()
+        self.compute_time_s += compute_time
         return deltas
 
     def _process_pending(self) -> list[StepDelta]:

@@ -1,9 +1,11 @@
 """Executors run a step's plans on the workers: in this process (one worker) or on worker
-processes over ZeroMQ (several). The engine sees `submit` (start a step), `collect` (wait for
-its results) and `shutdown`; between the two it processes the previous step's outputs."""
+processes over ZeroMQ (several). The engine sees `submit` (start a step), `collect` (each
+worker's results as they arrive) and `shutdown`; between the two it processes the previous
+step's outputs."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -14,7 +16,8 @@ from titanserve.core.model_runner import ModelRunner
 from titanserve.ipc.messages import StepPlan, StepResult
 from titanserve.moe.placement import ExpertPlacement
 
-StepOutputs = list[tuple[StepResult, "torch.Tensor | None"]]
+# (worker rank, its result, its logits rows), one per worker, in the order they arrive
+WorkerOutput = tuple[int, StepResult, "torch.Tensor | None"]
 
 
 class InProcessExecutor:
@@ -51,9 +54,9 @@ class InProcessExecutor:
     def submit(self, plans: list[StepPlan]) -> None:
         self._plans = plans  # runs in collect(): one process cannot overlap with itself
 
-    def collect(self) -> StepOutputs:
+    def collect(self) -> Iterator[WorkerOutput]:
         plans, self._plans = self._plans, None
-        return [self.runner.execute(plans[0])]
+        yield 0, *self.runner.execute(plans[0])
 
     def shutdown(self) -> None:
         self.runner = None

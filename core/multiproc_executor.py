@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
@@ -106,6 +107,7 @@ class MultiProcExecutor:
         self.last_seen: list[float | None] = [None] * self.world_size
         self._closed = False
         self.lost: WorkerLost | None = None
+        self.step_id = -1  # of the plans in flight: a stale result is dropped
         self._finalizer = weakref.finalize(self, _reap, self.procs, self.run_dir)
         atexit.register(self._finalizer)
         self.workers: list[WorkerReady] = [None] * self.world_size  # type: ignore[list-item]
@@ -121,28 +123,26 @@ class MultiProcExecutor:
         if self.lost is not None:
             raise self.lost
         self.wait_started = time.monotonic()
+        self.step_id = plans[0].step_id
         for rank, plan in enumerate(plans):
             self.sock.send_multipart([f"w{rank}".encode(), self.encoder.encode(plan)])
 
-    def collect(self) -> list[tuple[StepResult, torch.Tensor | None]]:
+    def collect(self) -> Iterator[tuple[int, StepResult, torch.Tensor | None]]:
+        """Each worker's (rank, result, logits) as it arrives, so that the engine can process
+        one while the others still compute. A result of another step is dropped."""
         if self.lost is not None:
             raise self.lost
-        try:
-            return self._collect()
-        except WorkerLost as e:
-            self.lost = e  # the mesh is broken: every later step fails the same way
-            raise
-
-    def _collect(self) -> list[tuple[StepResult, torch.Tensor | None]]:
-        results: list = [None] * self.world_size
-        pending = self.world_size
+        pending = set(range(self.world_size))
         while pending:
-            rank, msg, frames = self._recv()
-            if isinstance(msg, StepResult) and results[rank] is None:
+            try:
+                rank, msg, frames = self._recv()
+            except WorkerLost as e:
+                self.lost = e  # the mesh is broken: every later step fails the same way
+                raise
+            if isinstance(msg, StepResult) and rank in pending and msg.step_id == self.step_id:
+                pending.discard(rank)
                 logits = decode_tensor(frames[0], frames[1]) if len(frames) >= 2 else None
-                results[rank] = (msg, logits)
-                pending -= 1
-        return results
+                yield rank, msg, logits
 
     def _await_ready(self) -> None:
         """Answer each Hello with LoadModel; wait (as long as heartbeats come) for WorkerReady."""

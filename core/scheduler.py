@@ -25,6 +25,7 @@ class ScheduledSeq:
     request: Request
     num_new_tokens: int
     sample: bool
+    worker: int  # where it runs this step (the request's own field is cleared when it ends)
 
 
 @dataclass
@@ -102,7 +103,7 @@ class Scheduler:
             else:
                 block_manager.append(request, target)
                 budgets[w] -= num_new
-                scheduled.append(ScheduledSeq(request, num_new, target == request.num_tokens))
+                scheduled.append(ScheduledSeq(request, num_new, target == request.num_tokens, w))
 
         num_running = [0] * cfg.num_workers
         for request in self.running:
@@ -124,7 +125,7 @@ class Scheduler:
             num_running[w] += 1
             budgets[w] -= num_new
             target = request.num_computed_tokens + num_new
-            scheduled.append(ScheduledSeq(request, num_new, target == request.num_tokens))
+            scheduled.append(ScheduledSeq(request, num_new, target == request.num_tokens, w))
 
         self.step_id += 1
         return SchedulerOutput(self.step_id, self._plans(scheduled), scheduled, preempted)
@@ -181,11 +182,16 @@ class Scheduler:
         return plans
 
     # ------------------------------------------------------------------ update
-    def update(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
-        """Advance counters after a step; `sampled` maps request id -> new token.
-        Returns the requests that finished by a token-level rule (eos, stop ids, length)."""
+    def update(
+        self, output: SchedulerOutput, sampled: dict[str, int], worker: int | None = None
+    ) -> list[Request]:
+        """Advance counters after a step (only `worker`'s sequences if given, as its results
+        arrive); `sampled` maps request id -> new token. Returns the requests that finished
+        by a token-level rule (eos, stop ids, length)."""
         finished = []
         for s in output.scheduled:
+            if worker is not None and s.worker != worker:
+                continue
             r = s.request
             if r.is_finished or r.status != RequestStatus.RUNNING:
                 continue  # aborted while the step ran

@@ -241,3 +241,29 @@ def test_oversized_message_to_the_engine_is_refused_and_serving_continues(
         stranger.close(linger=500)
         again = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=4, temperature=0))
         assert again[0].token_ids == expected[0].token_ids
+
+
+def test_a_step_abandoned_halfway_leaves_no_stale_result(tmp_path_factory):
+    """The engine takes each worker's results as they arrive; if it stops after the first (an
+    error while processing it), the other worker's late result of that step is dropped, not
+    taken for the next step's, and the step's work is simply done again."""
+    path = tiny("llama", tmp_path_factory)
+    token_lists = prompts(4)
+    greedy = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    with LLM(path, num_workers=2, progress=False) as llm:
+        want = [o.token_ids for o in llm.generate(token_lists, greedy)]
+        engine = llm.engine
+        for i, p in enumerate(token_lists):
+            engine.add_request(p, greedy, request_id=f"x{i}")
+        out = engine.scheduler.schedule()
+        assert {s.worker for s in out.scheduled} == {0, 1}
+        computed = [s.request.num_computed_tokens for s in out.scheduled]
+        engine.executor.submit(out.plans)
+        rank, first, _ = next(engine.executor.collect())  # then abandoned, unprocessed
+        assert first.step_id == out.step_id and first.seqs
+        assert [s.request.num_computed_tokens for s in out.scheduled] == computed
+        outs: dict[str, list[int]] = {}
+        while engine.has_unfinished():
+            for delta in engine.step():
+                outs.setdefault(delta.request_id, []).extend(delta.new_token_ids)
+        assert [outs[f"x{i}"] for i in range(len(token_lists))] == want

@@ -353,3 +353,20 @@ def assert_block_accounting(scheduler: Scheduler) -> None:
         assert set(block_manager.free_blocks) == free
     for request in scheduler.waiting:
         assert (request.block_ids, request.num_computed_tokens) == ([], 0)
+
+
+def test_update_of_one_worker_leaves_the_others_for_their_results():
+    """Results arrive worker by worker: updating worker 0 advances only its sequences."""
+    scheduler = make_scheduler(num_workers=2, max_num_batched_tokens=64)
+    for i in range(4):
+        scheduler.add(make_request(f"r{i}", [5, 6, 7], max_tokens=1))
+    out = scheduler.schedule()
+    workers = {s.request.request_id: s.worker for s in out.scheduled}
+    assert sorted(workers.values()) == [0, 0, 1, 1]
+    sampled = {rid: 9 for rid in workers}
+    finished = scheduler.update(out, sampled, worker=0)
+    assert sorted(r.request_id for r in finished) == sorted(r for r, w in workers.items() if w == 0)
+    for s in out.scheduled:
+        assert s.request.num_computed_tokens == (3 if s.worker == 0 else 0)
+    finished = scheduler.update(out, sampled, worker=1)
+    assert len(finished) == 2 and not scheduler.has_unfinished()
