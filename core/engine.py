@@ -225,8 +225,8 @@ class Engine:
             self.scheduler.update(out, sampled, worker=rank)
             self._pending += [
                 (s.request.request_id, sampled[s.request.request_id])
-                for s in out.scheduled
-                if s.worker == rank and s.request.request_id in sampled
+                for s in out.by_worker[rank]
+                if s.request.request_id in sampled
             ]
             if not self.executor.overlaps:  # nothing to hide them behind: deliver them now
                 deltas += self._process_pending()

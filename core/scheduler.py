@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from titanserve.core.block_manager import BlockManager
 from titanserve.core.request import Request, RequestStatus
@@ -38,6 +39,14 @@ class SchedulerOutput:
     @property
     def num_tokens(self) -> int:
         return sum(s.num_new_tokens for s in self.scheduled)
+
+    @cached_property
+    def by_worker(self) -> list[list[ScheduledSeq]]:
+        """`scheduled` split per worker (in order), for handling results worker by worker."""
+        split: list[list[ScheduledSeq]] = [[] for _ in self.plans]
+        for s in self.scheduled:
+            split[s.worker].append(s)
+        return split
 
 
 class Scheduler:
@@ -189,9 +198,7 @@ class Scheduler:
         arrive); `sampled` maps request id -> new token. Returns the requests that finished
         by a token-level rule (eos, stop ids, length)."""
         finished = []
-        for s in output.scheduled:
-            if worker is not None and s.worker != worker:
-                continue
+        for s in output.scheduled if worker is None else output.by_worker[worker]:
             r = s.request
             if r.is_finished or r.status != RequestStatus.RUNNING:
                 continue  # aborted while the step ran
