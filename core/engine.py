@@ -22,7 +22,7 @@ from titanserve.core.model_runner import kv_bytes_per_block
 from titanserve.core.outputs import RequestOutput, StepDelta
 from titanserve.core.request import Request
 from titanserve.core.sampling_params import SamplingParams
-from titanserve.core.scheduler import Scheduler, SchedulerConfig
+from titanserve.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from titanserve.core.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
@@ -95,6 +95,9 @@ class Engine:
         self.num_steps = 0
         self._ids = itertools.count()
         self._pending: list[tuple[str, int]] = []  # (request id, token) sampled last step
+        # Async scheduling: the next step, planned and submitted while the current one runs.
+        self.async_scheduling = config.async_scheduling and self.executor.runs_ahead
+        self._ahead: SchedulerOutput | None = None
 
     def _make_executor(self):
         c = self.config
@@ -186,18 +189,27 @@ class Engine:
         return max(0.0, 1.0 - self.compute_time_s / self.step_time_s)
 
     def _step(self) -> list[StepDelta]:
-        """Schedule and submit step t, then turn step t-1's tokens into deltas (detokenize,
-        stop strings, finished outputs) while the workers compute, then take step t's results
+        """Schedule and submit step t (unless it went out ahead), with async scheduling plan
+        and submit step t+1 too, then turn step t-1's tokens into deltas (detokenize, stop
+        strings, finished outputs) while the workers compute, then take step t's results
         worker by worker as they arrive. Where no core is spare (`overlaps` False) each worker's
         tokens are processed as soon as its results come, while slower workers still compute.
 
-        NOTE: so a request that a stop string ends at step t-1 has already been scheduled in
-        step t; that token is dropped (its tracker is gone) and its blocks are freed before any
-        later schedule could hand them out, i.e. after the workers wrote into them.
+        NOTE: so a request that a stop string (or, planned ahead, eos) ends at step t has
+        already been scheduled in step t+1; that token is dropped (the scheduler takes none for
+        a finished request) and its blocks are freed before any later schedule could hand them
+        out. A worker runs its plans in order, so it has written into them by then.
         """
-        out = self.scheduler.schedule()
-        if out.scheduled:
-            self.executor.submit(out.plans)
+        out, self._ahead = self._ahead, None
+        if out is None:
+            out = self.scheduler.schedule()
+            if out.scheduled:
+                self.executor.submit(out.plans)
+        if out.scheduled and self.async_scheduling:
+            ahead = self.scheduler.schedule(ahead_of=out)
+            if ahead.scheduled:
+                self.executor.submit(ahead.plans)
+                self._ahead = ahead
         deltas = self._process_pending()
         if not out.scheduled:
             if not deltas and self.scheduler.waiting and not self.scheduler.running:
@@ -214,20 +226,14 @@ class Engine:
         compute_time = 0.0
         for rank, result, logits in self.executor.collect():  # while the others compute
             compute_time = max(compute_time, result.compute_time_s - result.comm_time_s)
-            sampled: dict[str, int] = {}
+            sampled = {s.request_id: s.token_id for s in result.seqs if s.token_id is not None}
+            taken = [(r.request_id, t) for r, t in self.scheduler.update(out, sampled, rank)]
+            taken_ids = {rid for rid, _ in taken}
             for seq in result.seqs:
                 tracker = self.trackers.get(seq.request_id)
-                if tracker is None:
-                    continue
-                self._collect(tracker, seq, logits)
-                if seq.token_id is not None:
-                    sampled[seq.request_id] = seq.token_id
-            self.scheduler.update(out, sampled, worker=rank)
-            self._pending += [
-                (s.request.request_id, sampled[s.request.request_id])
-                for s in out.by_worker[rank]
-                if s.request.request_id in sampled
-            ]
+                if tracker is not None:
+                    self._collect(tracker, seq, logits, seq.request_id in taken_ids)
+            self._pending += taken
             if not self.executor.overlaps:  # nothing to hide them behind: deliver them now
                 deltas += self._process_pending()
         self.compute_time_s += compute_time
@@ -241,12 +247,16 @@ class Engine:
             if rid in self.trackers  # else aborted, or ended by a stop string meanwhile
         ]
 
-    def _collect(self, tracker: _Tracker, seq, logits: torch.Tensor | None) -> None:
+    def _collect(
+        self, tracker: _Tracker, seq, logits: torch.Tensor | None, token_taken: bool
+    ) -> None:
+        """Keep a result's logprobs and logits rows (those of its token only if the scheduler
+        took the token: not for a request preempted while the step ran)."""
         out = tracker.output
-        if seq.token_id is not None and seq.logprob is not None:
+        if token_taken and seq.logprob is not None:
             out.logprobs = (out.logprobs or []) + [seq.logprob]
             out.top_logprobs = (out.top_logprobs or []) + [list(seq.top_logprobs)]
-        if seq.logits_row is not None:
+        if token_taken and seq.logits_row is not None:
             tracker.logits_rows.append(logits[seq.logits_row])
         if seq.prompt_logits_rows is not None:
             start, end = seq.prompt_logits_rows

@@ -48,6 +48,10 @@ class EngineConfig:
     kv_cache_memory: float | None = None  # bytes (> 1) or fraction of free memory (<= 1)
     num_kv_blocks: int | None = None  # exact block count per worker (overrides the above)
     enable_prefix_caching: bool = True
+    # Plan step t+1 while step t runs (worker processes only): workers go from one step to
+    # the next without waiting for the scheduler. A request that eos or a stop string ends
+    # computes one token more, which is dropped.
+    async_scheduling: bool = True
     seed: int = 0
     device: str = "auto"
     comm: str = "zmq"

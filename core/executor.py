@@ -24,6 +24,7 @@ class InProcessExecutor:
     """One worker, in the engine's own process."""
 
     overlaps = False  # the step runs inside collect(): nothing can overlap it
+    runs_ahead = False  # and so one step at a time: no async scheduling
 
     def __init__(
         self,

@@ -78,6 +78,8 @@ class ModelRunner:
                 self.states[seq.request_id] = SamplingState(
                     seq.new.sampling, seq.new.num_prompt_tokens, list(seq.new.history_token_ids)
                 )
+            if seq.follows_sample:  # planned before the scheduler saw the token sampled here
+                seq.token_ids = [self.states[seq.request_id].last_token_id]
         if not plan.seqs:
             if self.lockstep:  # join the other workers' collectives with no tokens
                 self.run_model(torch.empty(0, dtype=torch.int64, device=self.device), None)
@@ -117,7 +119,7 @@ class ModelRunner:
                 out = self.sampler(sample_logits.cpu(), states, num_generated)
                 keep = []
                 for j, ((_, result), state) in enumerate(zip(sampled_seqs, states)):
-                    result.token_id = out.token_ids[j]
+                    result.token_id = state.last_token_id = out.token_ids[j]
                     result.logprob = out.logprobs[j]
                     result.top_logprobs = out.top_logprobs[j]
                     if state.params.needs_penalties:

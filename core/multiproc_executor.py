@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 import weakref
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -80,6 +81,7 @@ class MultiProcExecutor:
             )
         self.world_size = config.num_workers
         self.overlaps = engine_core_is_spare(config)
+        self.runs_ahead = True  # workers queue plans: a step may be submitted before collect
         worker_config = dataclasses.replace(
             config, num_kv_blocks=num_blocks, max_model_len=max_model_len
         )
@@ -107,7 +109,8 @@ class MultiProcExecutor:
         self.last_seen: list[float | None] = [None] * self.world_size
         self._closed = False
         self.lost: WorkerLost | None = None
-        self.step_id = -1  # of the plans in flight: a stale result is dropped
+        self.in_flight: deque[int] = deque()  # step ids submitted and not yet collected
+        self.early: dict[tuple[int, int], tuple] = {}  # (step, rank): a fast worker's result
         self._finalizer = weakref.finalize(self, _reap, self.procs, self.run_dir)
         atexit.register(self._finalizer)
         self.workers: list[WorkerReady] = [None] * self.world_size  # type: ignore[list-item]
@@ -123,25 +126,38 @@ class MultiProcExecutor:
         if self.lost is not None:
             raise self.lost
         self.wait_started = time.monotonic()
-        self.step_id = plans[0].step_id
+        self.in_flight.append(plans[0].step_id)
         for rank, plan in enumerate(plans):
             self.sock.send_multipart([f"w{rank}".encode(), self.encoder.encode(plan)])
 
     def collect(self) -> Iterator[tuple[int, StepResult, torch.Tensor | None]]:
-        """Each worker's (rank, result, logits) as it arrives, so that the engine can process
-        one while the others still compute. A result of another step is dropped."""
+        """The oldest submitted step's results: each worker's (rank, result, logits) as it
+        arrives, so that the engine can process one while the others still compute. A
+        result of a later step (a worker a step ahead) is kept for its collect; one of an
+        earlier step (a collect abandoned halfway) is dropped."""
         if self.lost is not None:
             raise self.lost
+        step_id = self.in_flight.popleft()
+        self.early = {key: v for key, v in self.early.items() if key[0] >= step_id}
         pending = set(range(self.world_size))
+        for rank in sorted(pending):
+            early = self.early.pop((step_id, rank), None)
+            if early is not None:
+                pending.discard(rank)
+                yield rank, *early
         while pending:
             try:
                 rank, msg, frames = self._recv()
             except WorkerLost as e:
                 self.lost = e  # the mesh is broken: every later step fails the same way
                 raise
-            if isinstance(msg, StepResult) and rank in pending and msg.step_id == self.step_id:
+            if not isinstance(msg, StepResult) or msg.step_id < step_id:
+                continue
+            logits = decode_tensor(frames[0], frames[1]) if len(frames) >= 2 else None
+            if msg.step_id > step_id:
+                self.early[(msg.step_id, rank)] = (msg, logits)
+            elif rank in pending:
                 pending.discard(rank)
-                logits = decode_tensor(frames[0], frames[1]) if len(frames) >= 2 else None
                 yield rank, msg, logits
 
     def _await_ready(self) -> None:

@@ -57,6 +57,11 @@ class Request:
         return len(self.output_token_ids)
 
     @property
+    def max_outputs_left(self) -> int:
+        """Outputs max_tokens still allows (an upper bound: EOS or a stop may come first)."""
+        return max(0, self.sampling.max_tokens - self.num_output_tokens)
+
+    @property
     def is_finished(self) -> bool:
         return self.status == RequestStatus.FINISHED
 

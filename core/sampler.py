@@ -21,6 +21,7 @@ class SamplingState:
     params: SamplingParams
     num_prompt_tokens: int
     history: list[int] = field(default_factory=list)  # prompt + output, when penalties apply
+    last_token_id: int | None = None  # the newest sample (async scheduling's placeholders)
 
 
 @dataclass

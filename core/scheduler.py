@@ -1,6 +1,12 @@
 """Continuous-batching scheduler: a token budget per worker per step, running requests
 first, then waiting ones (chunked prefill), prefix-cache-aware placement, preemption by
-recompute. It decides with token counts and block ids only; its output is plain data."""
+recompute. It decides with token counts and block ids only; its output is plain data.
+
+Async scheduling: `schedule(ahead_of=out)` plans the next step while `out` still runs. Its
+tokens count as computed, and each token it samples as known but not yet seen: a decode
+that follows one is planned with a placeholder that the worker fills with the token it
+sampled for that request in the step before (`SeqPlan.follows_sample`). Nothing in the
+requests changes until `update`, so a step that is abandoned leaves no trace."""
 
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ class ScheduledSeq:
     num_new_tokens: int
     sample: bool
     worker: int  # where it runs this step (the request's own field is cleared when it ends)
+    start: int  # position of its first token (the request's computed count, or one ahead)
 
 
 @dataclass
@@ -86,8 +93,11 @@ class Scheduler:
         return bool(self.requests)
 
     # ------------------------------------------------------------------ schedule
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, ahead_of: SchedulerOutput | None = None) -> SchedulerOutput:
+        """Plan the next step. With `ahead_of` (a submitted step not yet updated), plan the
+        one after it: see the module docstring."""
         cfg = self.config
+        in_flight = {s.request.request_id: s for s in (ahead_of.scheduled if ahead_of else ())}
         budgets = [cfg.max_num_batched_tokens] * cfg.num_workers
         scheduled: list[ScheduledSeq] = []
         preempted: list[Request] = []
@@ -96,11 +106,19 @@ class Scheduler:
         while pending:
             request = pending.popleft()
             w = request.worker
-            num_new = min(request.num_tokens - request.num_computed_tokens, budgets[w])
+            computed, known = request.num_computed_tokens, request.num_tokens
+            prior = in_flight.get(request.request_id)
+            if prior is not None:
+                computed += prior.num_new_tokens
+                if prior.sample:  # its token is known only after the step
+                    if self._ends_by_length_after(request):
+                        continue
+                    known += 1
+            num_new = min(known - computed, budgets[w])
             if num_new <= 0:
                 continue
             block_manager = self.block_managers[w]
-            target = request.num_computed_tokens + num_new
+            target = computed + num_new
             while not block_manager.can_append(request, target):
                 victim = next((r for r in reversed(pending) if r.worker == w), request)
                 if victim is not request:
@@ -112,14 +130,16 @@ class Scheduler:
             else:
                 block_manager.append(request, target)
                 budgets[w] -= num_new
-                scheduled.append(ScheduledSeq(request, num_new, target == request.num_tokens, w))
+                scheduled.append(ScheduledSeq(request, num_new, target == known, w, computed))
 
         num_running = [0] * cfg.num_workers
+        decodes_left = [0] * cfg.num_workers  # per worker: outputs its requests may still make
         for request in self.running:
             num_running[request.worker] += 1
+            decodes_left[request.worker] += request.max_outputs_left
         while self.waiting and not preempted:
             request = self.waiting[0]
-            placed = self._place(request, budgets, num_running)
+            placed = self._place(request, budgets, num_running, decodes_left)
             if placed is None:
                 break
             w, cached, num_new = placed
@@ -132,17 +152,26 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             num_running[w] += 1
+            decodes_left[w] += request.max_outputs_left
             budgets[w] -= num_new
-            target = request.num_computed_tokens + num_new
-            scheduled.append(ScheduledSeq(request, num_new, target == request.num_tokens, w))
+            start = request.num_computed_tokens
+            scheduled.append(
+                ScheduledSeq(request, num_new, start + num_new == request.num_tokens, w, start)
+            )
 
         self.step_id += 1
         return SchedulerOutput(self.step_id, self._plans(scheduled), scheduled, preempted)
 
     def _place(
-        self, request: Request, budgets: list[int], num_running: list[int]
+        self, request: Request, budgets: list[int], num_running: list[int], decodes_left: list[int]
     ) -> tuple[int, list[int], int] | None:
-        """Pick the worker holding the longest cached prefix, else the least loaded one."""
+        """Pick the worker holding the longest cached prefix, else the least loaded one.
+
+        Load is decode-length aware: the outputs its requests may still make (max_tokens less
+        those made; EOS may end them sooner), then the number of requests. Balancing what is
+        left, not just how many, keeps workers' batches even as requests end, which matters
+        most where workers meet at every MoE all-to-all.
+        """
         options = []
         for w, block_manager in enumerate(self.block_managers):
             if budgets[w] <= 0 or num_running[w] >= self.config.max_num_seqs:
@@ -150,8 +179,10 @@ class Scheduler:
             # Prompt logits are wanted at every position: nothing may come from the cache.
             wants_all = request.sampling.return_prompt_logits
             cached = [] if wants_all else block_manager.find_cached_prefix(request)
-            options.append((-len(cached), num_running[w], block_manager.usage, w, cached))
-        for *_, w, cached in sorted(options, key=lambda o: o[:4]):
+            options.append(
+                (-len(cached), decodes_left[w], num_running[w], block_manager.usage, w, cached)
+            )
+        for *_, w, cached in sorted(options, key=lambda o: o[:5]):
             num_cached = len(cached) * self.block_managers[w].block_size
             num_new = min(request.num_tokens - num_cached, budgets[w])
             if self.block_managers[w].can_allocate(cached, num_cached + num_new):
@@ -163,7 +194,7 @@ class Scheduler:
         # NOTE: decodes (one new token) come first in every plan; the runner relies on it.
         for s in sorted(scheduled, key=lambda s: s.num_new_tokens != 1):
             r = s.request
-            start = r.num_computed_tokens
+            start, end = s.start, s.start + s.num_new_tokens
             new = None
             if r.needs_reset:
                 new = NewRequest(
@@ -175,11 +206,12 @@ class Scheduler:
             per_worker[r.worker].append(
                 SeqPlan(
                     request_id=r.request_id,
-                    token_ids=r.all_token_ids[start : start + s.num_new_tokens],
+                    token_ids=r.all_token_ids[start:end],  # [] for a placeholder
                     start_pos=start,
                     block_ids=list(r.block_ids),
                     sample=s.sample,
                     new=new,
+                    follows_sample=end > r.num_tokens,
                 )
             )
         plans = []
@@ -193,11 +225,12 @@ class Scheduler:
     # ------------------------------------------------------------------ update
     def update(
         self, output: SchedulerOutput, sampled: dict[str, int], worker: int | None = None
-    ) -> list[Request]:
+    ) -> list[tuple[Request, int]]:
         """Advance counters after a step (only `worker`'s sequences if given, as its results
-        arrive); `sampled` maps request id -> new token. Returns the requests that finished
-        by a token-level rule (eos, stop ids, length)."""
-        finished = []
+        arrive); `sampled` maps request id -> new token. Returns the (request, token) pairs
+        taken, in order: a request finished, aborted or preempted meanwhile takes none. A
+        request a token-level rule (eos, stop ids, length) ends is finished here."""
+        taken = []
         for s in output.scheduled if worker is None else output.by_worker[worker]:
             r = s.request
             if r.is_finished or r.status != RequestStatus.RUNNING:
@@ -205,16 +238,24 @@ class Scheduler:
             r.num_computed_tokens += s.num_new_tokens
             self.block_managers[r.worker].cache_full_blocks(r)
             if s.sample:
-                r.append_output(sampled[r.request_id])
+                token_id = sampled[r.request_id]
+                r.append_output(token_id)
+                taken.append((r, token_id))
                 reason = r.check_stop()
                 if reason is None and r.num_tokens >= self.config.max_model_len:
                     reason = "length"
                 if reason is not None:
                     self.finish(r, reason)
-                    finished.append(r)
-        return finished
+        return taken
 
     # ------------------------------------------------------------------ internals
+    def _ends_by_length_after(self, request: Request) -> bool:
+        """Whether the token a running step samples for `request` ends it by length."""
+        return (
+            request.num_output_tokens + 1 >= request.sampling.max_tokens
+            or request.num_tokens + 1 >= self.config.max_model_len
+        )
+
     def _preempt(self, request: Request) -> None:
         """Preemption by recompute: drop the KV, keep the generated tokens."""
         self.running.remove(request)

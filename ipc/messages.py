@@ -162,6 +162,9 @@ class SeqPlan(Struct):
     block_ids: list[int]  # the request's whole block table on this worker
     sample: bool  # this chunk reaches the end of the known tokens: sample the next one
     new: NewRequest | None = None
+    # Async scheduling: the one token to compute is the one this worker sampled for the
+    # request in the step before, which the scheduler has not seen yet (token_ids is empty).
+    follows_sample: bool = False
 
 
 class StepPlan(Struct):

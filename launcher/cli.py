@@ -107,6 +107,14 @@ def _engine_flags() -> argparse.ArgumentParser:
         const=False,
         default=None,
     )
+    g.add_argument(
+        "--no-async-scheduling",
+        dest="async_scheduling",
+        action="store_const",
+        const=False,
+        default=None,
+        help="with worker processes, plan each step only after the last one's results",
+    )
     g.add_argument("--comm", choices=("zmq", "torch"), help="worker transport")
     g.add_argument("--sp-threshold", type=positive_int, help="prompt length for sequence parallel")
     g.add_argument("--num-threads", type=positive_int, help="torch threads per worker (CPU)")

@@ -20,6 +20,7 @@ ENGINE_FIELDS = (
     "kv_cache_memory",
     "num_kv_blocks",
     "enable_prefix_caching",
+    "async_scheduling",
     "comm",
     "sp_threshold",
     "num_threads",

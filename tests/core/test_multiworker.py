@@ -267,3 +267,38 @@ def test_a_step_abandoned_halfway_leaves_no_stale_result(tmp_path_factory):
             for delta in engine.step():
                 outs.setdefault(delta.request_id, []).extend(delta.new_token_ids)
         assert [outs[f"x{i}"] for i in range(len(token_lists))] == want
+
+
+def test_async_scheduling_gives_the_outputs_of_planning_after_each_step(tmp_path_factory):
+    """Steps planned while the one before runs (placeholders for unseen samples) give the
+    same tokens, logprobs and finish reasons as planning after each result: with stop ids
+    that end requests while a step is in flight, seeded sampling, and a KV cache small
+    enough to preempt requests whose step is in flight."""
+    path = tiny("llama", tmp_path_factory)
+    token_lists = prompts(6)
+    greedy = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    with LLM(path, num_workers=2, async_scheduling=False, progress=False) as llm:
+        free_run = [o.token_ids for o in llm.generate(token_lists, greedy)]
+    params = [
+        SamplingParams(max_tokens=24, temperature=0, stop_token_ids=[free_run[0][5]], logprobs=2),
+        SamplingParams(max_tokens=24, temperature=0, stop_token_ids=[free_run[1][10]]),
+        SamplingParams(max_tokens=7, temperature=0.9, seed=3, logprobs=1),
+        SamplingParams(max_tokens=24, temperature=0.8, seed=4, ignore_eos=True),
+        SamplingParams(max_tokens=1, temperature=0),
+        SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, logprobs=0),
+    ]
+    outs = {}
+    for ahead in (False, True):
+        with LLM(
+            path, num_workers=2, async_scheduling=ahead, block_size=4, num_kv_blocks=20,
+            progress=False,
+        ) as llm:  # fmt: skip
+            assert llm.engine.async_scheduling == ahead
+            outs[ahead] = llm.generate(token_lists, params)
+    assert sum(o.num_preemptions for o in outs[True]) > 0
+    assert [o.finish_reason for o in outs[True]][:2] == ["stop", "stop"]
+    for sync, ahead in zip(outs[False], outs[True]):
+        assert ahead.token_ids == sync.token_ids and ahead.finish_reason == sync.finish_reason
+        if sync.logprobs is not None:
+            assert len(ahead.logprobs) == len(ahead.token_ids)
+            assert ahead.logprobs == pytest.approx(sync.logprobs, abs=1e-5)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from titanserve.core.block_manager import BlockManager
 from titanserve.core.request import Request, RequestStatus
 from titanserve.core.sampling_params import SamplingParams
@@ -50,9 +52,10 @@ def chunks(out: SchedulerOutput) -> dict[str, int]:
 
 
 class FakeKV:
-    """A worker's KV cache holding token ids instead of tensors: every plan writes its
+    """Workers whose KV caches hold token ids instead of tensors: every plan writes its
     tokens at its slots, then every position the step attends to must hold the right token.
-    This catches a block table that points at another request's (or an evicted) block."""
+    This catches a block table that points at another request's (or an evicted) block.
+    Like a real worker it fills a placeholder (async scheduling) with its own last sample."""
 
     def __init__(self, scheduler: Scheduler) -> None:
         self.block_size = scheduler.block_managers[0].block_size
@@ -60,18 +63,30 @@ class FakeKV:
             [[None] * self.block_size for _ in range(bm.num_blocks)]
             for bm in scheduler.block_managers
         ]
+        self.last_sample: dict[tuple[int, str], int] = {}
 
-    def run(self, out: SchedulerOutput) -> None:
+    def run(self, out: SchedulerOutput, sample=lambda: 7) -> dict[str, int]:
+        """Run a step's plans; returns the token sampled for each sampling request."""
+        sampled = {}
         for worker, plan in enumerate(out.plans):
             for seq in plan.seqs:
                 request = scheduler_request(out, seq.request_id)
                 bs, slots = self.block_size, self.slots[worker]
-                for i, token in enumerate(seq.token_ids):
+                tokens = seq.token_ids
+                if seq.follows_sample:
+                    assert tokens == [] and request.num_tokens >= seq.start_pos
+                    tokens = [self.last_sample[(worker, seq.request_id)]]
+                for i, token in enumerate(tokens):
                     pos = seq.start_pos + i
                     slots[seq.block_ids[pos // bs]][pos % bs] = token
-                context = seq.start_pos + len(seq.token_ids)
-                held = [slots[seq.block_ids[p // bs]][p % bs] for p in range(context)]
-                assert held == request.all_token_ids[:context], seq.request_id
+                context = seq.start_pos + len(tokens)
+                if request.status == RequestStatus.RUNNING and request.worker == worker:
+                    held = [slots[seq.block_ids[p // bs]][p % bs] for p in range(context)]
+                    assert held == request.all_token_ids[:context], seq.request_id
+                # else it ended (or was preempted) while the step was in flight: work wasted
+                if seq.sample:
+                    sampled[seq.request_id] = self.last_sample[(worker, seq.request_id)] = sample()
+        return sampled
 
 
 def scheduler_request(out: SchedulerOutput, request_id: str) -> Request:
@@ -237,6 +252,19 @@ def test_placement_prefers_longest_cached_prefix_else_least_loaded():
     assert c_seq.start_pos == 8
 
 
+def test_placement_balances_the_outputs_left_not_the_request_count():
+    scheduler = make_scheduler(block_size=4, max_num_batched_tokens=64, num_workers=2)
+    scheduler.add(make_request("long", [5] * 6, max_tokens=100))
+    scheduler.add(make_request("short1", [6] * 6, max_tokens=5))
+    scheduler.add(make_request("short2", [7] * 6, max_tokens=5))
+    run_step(scheduler)
+    workers = {rid: r.worker for rid, r in scheduler.requests.items()}
+    assert workers == {"long": 0, "short1": 1, "short2": 1}  # 99 outputs left vs 4
+    scheduler.add(make_request("next", [8] * 6, max_tokens=50))
+    run_step(scheduler)
+    assert scheduler.requests["next"].worker == 1  # 8 + 49 left on 1 < 98 on 0
+
+
 def test_placement_skips_a_worker_at_max_num_seqs_even_with_a_cached_prefix():
     scheduler = make_scheduler(
         block_size=4, max_num_batched_tokens=64, max_num_seqs=1, num_workers=2
@@ -291,10 +319,13 @@ def test_token_level_finish_reasons():
     }
 
 
-def test_no_block_leaks_after_1000_random_requests():
+@pytest.mark.parametrize("ahead", [False, True], ids=["sync", "async"])
+def test_no_block_leaks_after_1000_random_requests(ahead):
     """Random prompts over a few shared prefixes, random lengths, eos and aborts, on a cache
     small enough to preempt often. Every block is free with ref count 0 at the end, and the
-    fake KV always holds each request's own tokens."""
+    fake KV always holds each request's own tokens. `ahead`: each step is planned while the
+    one before is still in flight (async scheduling), so requests end, are aborted and are
+    preempted with a step in flight, and decodes follow samples the scheduler has not seen."""
     rng = random.Random(1234)
     block_size, num_blocks = 4, 24
     scheduler = make_scheduler(
@@ -307,8 +338,9 @@ def test_no_block_leaks_after_1000_random_requests():
     )
     kv = FakeKV(scheduler)
     prefixes = [[rng.randrange(3, 20) for _ in range(n)] for n in (4, 9, 13)]
-    num_added = num_preempted = num_aborted = num_cache_hits = num_steps = 0
-    while num_added < 1000 or scheduler.has_unfinished():
+    num_added = num_preempted = num_aborted = num_cache_hits = num_steps = num_follows = 0
+    in_flight = None
+    while num_added < 1000 or scheduler.has_unfinished() or in_flight:
         num_steps += 1
         assert num_steps < 50_000, "the scheduler stopped making progress"
         for _ in range(rng.randrange(0, 3) if num_added < 1000 else 0):
@@ -317,23 +349,29 @@ def test_no_block_leaks_after_1000_random_requests():
             max_tokens = rng.randrange(1, num_blocks * block_size - len(prompt))
             scheduler.add(make_request(f"r{num_added}", prompt, max_tokens=max_tokens))
             num_added += 1
-        out = scheduler.schedule()
-        kv.run(out)
+        out = scheduler.schedule(ahead_of=in_flight)
         for plan in out.plans:
-            sizes = [len(seq.token_ids) for seq in plan.seqs]
+            sizes = [1 if seq.follows_sample else len(seq.token_ids) for seq in plan.seqs]
             assert sizes == sorted(sizes, key=lambda n: n != 1)  # single-token rows first
             assert sum(sizes) <= 32
         num_preempted += len(out.preempted)
         num_cache_hits += sum(
             seq.start_pos > 0 and seq.new is not None for plan in out.plans for seq in plan.seqs
         )
-        sampled = {s.request.request_id: rng.choice([0, *range(3, 20)]) for s in out.scheduled}
-        scheduler.update(out, sampled)
+        num_follows += sum(seq.follows_sample for plan in out.plans for seq in plan.seqs)
+        if ahead:  # the step before runs and is updated only now
+            done, in_flight = in_flight, (out if out.scheduled else None)
+        else:
+            done = out
+        if done is not None:
+            sampled = kv.run(done, lambda: rng.choice([0, *range(3, 20)]))
+            scheduler.update(done, sampled)
         if scheduler.running and rng.random() < 0.05:
             scheduler.finish(rng.choice(scheduler.running), "abort")
             num_aborted += 1
         assert_block_accounting(scheduler)
     assert num_preempted > 50 and num_aborted > 50 and num_cache_hits > 50
+    assert (num_follows > 1000) == ahead
     for block_manager in scheduler.block_managers:
         assert block_manager.ref_counts == [0] * num_blocks
         assert block_manager.num_free_blocks == num_blocks
@@ -364,9 +402,42 @@ def test_update_of_one_worker_leaves_the_others_for_their_results():
     workers = {s.request.request_id: s.worker for s in out.scheduled}
     assert sorted(workers.values()) == [0, 0, 1, 1]
     sampled = {rid: 9 for rid in workers}
-    finished = scheduler.update(out, sampled, worker=0)
-    assert sorted(r.request_id for r in finished) == sorted(r for r, w in workers.items() if w == 0)
+    taken = scheduler.update(out, sampled, worker=0)
+    assert sorted(r.request_id for r, _ in taken) == sorted(r for r, w in workers.items() if w == 0)
+    assert all(r.is_finished and token == 9 for r, token in taken)
     for s in out.scheduled:
         assert s.request.num_computed_tokens == (3 if s.worker == 0 else 0)
-    finished = scheduler.update(out, sampled, worker=1)
-    assert len(finished) == 2 and not scheduler.has_unfinished()
+    taken = scheduler.update(out, sampled, worker=1)
+    assert len(taken) == 2 and not scheduler.has_unfinished()
+
+
+def test_async_plan_follows_the_sample_in_flight_and_stops_where_length_ends_it():
+    scheduler = make_scheduler(block_size=4, max_num_batched_tokens=64)
+    scheduler.add(make_request("a", [5] * 6, max_tokens=3))
+    first = scheduler.schedule()
+    second = scheduler.schedule(ahead_of=first)  # first's token is not known yet
+    (seq,) = second.plans[0].seqs
+    assert (seq.start_pos, seq.token_ids, seq.follows_sample, seq.sample) == (6, [], True, True)
+    assert len(seq.block_ids) == 2  # room for position 6
+    request = scheduler.requests["a"]
+    assert (request.num_computed_tokens, request.num_tokens) == (0, 6)  # nothing changed yet
+    assert [(r.request_id, t) for r, t in scheduler.update(first, {"a": 10})] == [("a", 10)]
+    third = scheduler.schedule(ahead_of=second)
+    assert [(s.start_pos, s.follows_sample) for s in third.plans[0].seqs] == [(7, True)]
+    scheduler.update(second, {"a": 11})
+    assert scheduler.schedule(ahead_of=third).scheduled == []  # third's token is the 3rd
+    scheduler.update(third, {"a": 12})
+    assert (request.finish_reason, request.output_token_ids) == ("length", [10, 11, 12])
+    assert request.num_computed_tokens == 8
+
+
+def test_async_step_of_a_request_eos_ended_meanwhile_is_dropped():
+    scheduler = make_scheduler(block_size=4, max_num_batched_tokens=64)
+    scheduler.add(make_request("a", [5] * 6, max_tokens=10))
+    first = scheduler.schedule()
+    second = scheduler.schedule(ahead_of=first)
+    scheduler.update(first, {"a": 0})  # eos
+    request = scheduler.requests.get("a")
+    assert request is None and scheduler.block_managers[0].num_free_blocks == 64
+    assert scheduler.update(second, {"a": 3}) == []
+    assert scheduler.schedule().plans[0].finished_ids == ["a"]
