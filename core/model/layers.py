@@ -19,6 +19,13 @@ class RMSNorm(nn.Module):
         return ops.rms_norm(x, self.weight, self.eps, residual)
 
 
+# On CPU, a step with many tokens (prefill) runs the MLP this many rows at a time: a piece's
+# (rows, 2I) gate/up activations stay in cache for silu and the product, instead of making
+# three round trips through memory (a tiny Llama's 8192-token prefill step: median of 6 runs
+# 0.52 s vs 0.60 s in one piece).
+CPU_MLP_ROWS_PER_PIECE = 1024
+
+
 class GatedMLP(nn.Module):
     """down(silu(gate(x)) * up(x)); gate and up are one (2I, H) matrix."""
 
@@ -33,6 +40,15 @@ class GatedMLP(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        piece = CPU_MLP_ROWS_PER_PIECE
+        if not x.is_cpu or x.shape[0] <= 2 * piece:
+            return self._mlp(x)
+        out = x.new_empty(x.shape[0], self.down_proj.shape[0])  # (T, H)
+        for start in range(0, x.shape[0], piece):
+            out[start : start + piece] = self._mlp(x[start : start + piece])
+        return out
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = F.linear(x, self.gate_up_proj)  # (T, 2I)
         gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return F.linear(F.silu(gate) * up, self.down_proj)  # (T, H)
