@@ -223,6 +223,18 @@ class Engine:
                     "does not fit in the KV cache"
                 )
             return deltas
+        try:
+            self.compute_time_s += self._collect_step(out, deltas)
+        except BaseException:
+            if self._ahead is not None:  # planned on results that are now lost: drop it
+                self.executor.forget(self._ahead.step_id)
+                self._ahead = None
+            raise
+        return deltas
+
+    def _collect_step(self, out: SchedulerOutput, deltas: list[StepDelta]) -> float:
+        """Take step `out`'s results worker by worker (appending deltas where no core is
+        spare); returns its model compute time (the slowest worker's, all-to-alls excluded)."""
         compute_time = 0.0
         for rank, result, logits in self.executor.collect():  # while the others compute
             compute_time = max(compute_time, result.compute_time_s - result.comm_time_s)
@@ -236,8 +248,7 @@ class Engine:
             self._pending += taken
             if not self.executor.overlaps:  # nothing to hide them behind: deliver them now
                 deltas += self._process_pending()
-        self.compute_time_s += compute_time
-        return deltas
+        return compute_time
 
     def _process_pending(self) -> list[StepDelta]:
         pending, self._pending = self._pending, []

@@ -130,6 +130,10 @@ class MultiProcExecutor:
         for rank, plan in enumerate(plans):
             self.sock.send_multipart([f"w{rank}".encode(), self.encoder.encode(plan)])
 
+    def forget(self, step_id: int) -> None:
+        """Never collect this submitted step: its results are dropped when they come."""
+        self.in_flight.remove(step_id)
+
     def collect(self) -> Iterator[tuple[int, StepResult, torch.Tensor | None]]:
         """The oldest submitted step's results: each worker's (rank, result, logits) as it
         arrives, so that the engine can process one while the others still compute. A

@@ -302,3 +302,38 @@ def test_async_scheduling_gives_the_outputs_of_planning_after_each_step(tmp_path
         if sync.logprobs is not None:
             assert len(ahead.logprobs) == len(ahead.token_ids)
             assert ahead.logprobs == pytest.approx(sync.logprobs, abs=1e-5)
+
+
+def test_an_error_while_taking_results_drops_the_step_planned_ahead(tmp_path_factory):
+    """Async scheduling plans step t+1 on step t's results. If taking step t's results fails
+    halfway (here: before worker 1's are taken), step t+1 is dropped with it; the requests
+    whose results were lost redo that step, and every output equals a clean run."""
+    path = tiny("llama", tmp_path_factory)
+    token_lists = prompts(4)
+    greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    with LLM(path, num_workers=2, progress=False) as llm:
+        want = [o.token_ids for o in llm.generate(token_lists, greedy)]
+        engine = llm.engine
+        assert engine.async_scheduling
+        update, calls = engine.scheduler.update, []
+
+        def failing_update(output, sampled, worker=None):
+            calls.append(worker)
+            if len(calls) > 6 and worker == 1 and "failed" not in calls:
+                calls.append("failed")
+                raise RuntimeError("injected")
+            return update(output, sampled, worker)
+
+        engine.scheduler.update = failing_update
+        for i, p in enumerate(token_lists):
+            engine.add_request(p, greedy, request_id=f"x{i}")
+        outs: dict[str, list[int]] = {}
+        with pytest.raises(RuntimeError, match="injected"):
+            while engine.has_unfinished():
+                for delta in engine.step():
+                    outs.setdefault(delta.request_id, []).extend(delta.new_token_ids)
+        assert engine._ahead is None
+        while engine.has_unfinished():
+            for delta in engine.step():
+                outs.setdefault(delta.request_id, []).extend(delta.new_token_ids)
+    assert [outs[f"x{i}"] for i in range(len(token_lists))] == want
