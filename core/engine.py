@@ -98,6 +98,7 @@ class Engine:
         # Async scheduling: the next step, planned and submitted while the current one runs.
         self.async_scheduling = config.async_scheduling and self.executor.runs_ahead
         self._ahead: SchedulerOutput | None = None
+        self._undelivered: list[StepDelta] = []  # made by a step that then failed
 
     def _make_executor(self):
         c = self.config
@@ -210,7 +211,8 @@ class Engine:
             if ahead.scheduled:
                 self.executor.submit(ahead.plans)
                 self._ahead = ahead
-        deltas = self._process_pending()
+        deltas, self._undelivered = self._undelivered, []
+        deltas += self._process_pending()
         if not out.scheduled:
             if not deltas and self.scheduler.waiting and not self.scheduler.running:
                 # Nothing runs and the head request cannot be placed: it never will be.
@@ -226,6 +228,7 @@ class Engine:
         try:
             self.compute_time_s += self._collect_step(out, deltas)
         except BaseException:
+            self._undelivered = deltas  # the next step returns them
             if self._ahead is not None:  # planned on results that are now lost: drop it
                 self.executor.forget(self._ahead.step_id)
                 self._ahead = None

@@ -112,10 +112,11 @@ class ModelRunner:
             sample_logits = logits[: len(sample_rows)]
             if sampled_seqs:
                 states = [self.states[s.request_id] for s, _ in sampled_seqs]
-                num_generated = [
-                    s.start_pos + len(s.token_ids) - st.num_prompt_tokens
-                    for (s, _), st in zip(sampled_seqs, states)
-                ]
+                context_lens = [s.start_pos + len(s.token_ids) for s, _ in sampled_seqs]
+                for state, context_len in zip(states, context_lens):
+                    # A step redone (its results were lost) sampled once already: forget it.
+                    del state.history[context_len:]
+                num_generated = [n - st.num_prompt_tokens for n, st in zip(context_lens, states)]
                 out = self.sampler(sample_logits.cpu(), states, num_generated)
                 keep = []
                 for j, ((_, result), state) in enumerate(zip(sampled_seqs, states)):

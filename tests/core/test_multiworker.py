@@ -307,12 +307,18 @@ def test_async_scheduling_gives_the_outputs_of_planning_after_each_step(tmp_path
 def test_an_error_while_taking_results_drops_the_step_planned_ahead(tmp_path_factory):
     """Async scheduling plans step t+1 on step t's results. If taking step t's results fails
     halfway (here: before worker 1's are taken), step t+1 is dropped with it; the requests
-    whose results were lost redo that step, and every output equals a clean run."""
+    whose results were lost redo that step (a penalty's token history forgets the lost
+    sample), and every output equals a clean run."""
     path = tiny("llama", tmp_path_factory)
     token_lists = prompts(4)
     greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    penalized = SamplingParams(
+        max_tokens=8, temperature=0, ignore_eos=True, repetition_penalty=3.0,
+        frequency_penalty=2.0,
+    )  # fmt: skip
+    params = [greedy, penalized, greedy, penalized]
     with LLM(path, num_workers=2, progress=False) as llm:
-        want = [o.token_ids for o in llm.generate(token_lists, greedy)]
+        want = [o.token_ids for o in llm.generate(token_lists, params)]
         engine = llm.engine
         assert engine.async_scheduling
         update, calls = engine.scheduler.update, []
@@ -326,7 +332,7 @@ def test_an_error_while_taking_results_drops_the_step_planned_ahead(tmp_path_fac
 
         engine.scheduler.update = failing_update
         for i, p in enumerate(token_lists):
-            engine.add_request(p, greedy, request_id=f"x{i}")
+            engine.add_request(p, params[i], request_id=f"x{i}")
         outs: dict[str, list[int]] = {}
         with pytest.raises(RuntimeError, match="injected"):
             while engine.has_unfinished():
