@@ -56,26 +56,30 @@ def decode_rows(
     Hk, G, D, bs = num_kv_heads, group, head_dim, block_size
     lens = context_lens.long()
     num_pages = (lens + bs - 1) // bs  # (B,)
-    too_many = Hk * G * int(num_pages.sum()) * (D + bs) > MAX_INDEX_ENTRIES
-    if too_many or Hk * num_blocks * max(D, bs) >= 2**31:
+    N = int(num_pages.sum())
+    if Hk * G * N * (D + bs) > MAX_INDEX_ENTRIES or Hk * num_blocks * max(D, bs) >= 2**31:
         return None
     used = torch.arange(P) < num_pages[:, None]  # (B, P)
-    pages = block_tables.long()[used]  # (N,)
-    N = pages.shape[0]
-    seq_of_page = torch.arange(B).repeat_interleave(num_pages)  # (N,)
-    first_key = torch.arange(P).expand(B, P)[used] * bs  # (N,) first key of each page
-    hidden = first_key[:, None] + torch.arange(bs) >= lens[seq_of_page][:, None]  # (N, bs)
-    head_pages = torch.arange(Hk)[:, None, None] * num_blocks + pages  # (Hk, 1, N)
-    key_rows = (head_pages[..., None] * D + torch.arange(D)).expand(Hk, G, N, D)
-    value_rows = (head_pages[..., None] * bs + torch.arange(bs)).expand(Hk, G, N, bs)
-    seq_starts = (torch.cumsum(num_pages, 0) - num_pages) * bs  # (B,) first slot of each bag
-    value_offsets = torch.arange(Hk * G)[:, None] * (N * bs) + seq_starts  # (Hk*G, B)
+    pages = block_tables.int()[used]  # (N,)
+    seq_of_page = torch.arange(B).repeat_interleave(num_pages, output_size=N)  # (N,)
+    first_page = torch.cumsum(num_pages, 0) - num_pages  # (B,) each sequence's first page
+    first_key = (torch.arange(N) - first_page[seq_of_page]) * bs  # (N,) in its sequence
+    hidden = (first_key - lens[seq_of_page])[:, None] + torch.arange(bs) >= 0  # (N, bs)
+    # Rows are built in int32 directly (the bound above keeps them in range): the index is
+    # Hk*G*N*(D + bs) entries, and converting it from int64 cost more than building it.
+    i32 = torch.int32
+    head_pages = torch.arange(0, Hk * num_blocks, num_blocks, dtype=i32)[:, None] + pages
+    head_pages = head_pages[:, None, :, None]  # (Hk, 1, N, 1)
+    key_rows = (head_pages * D + torch.arange(D, dtype=i32)).expand(Hk, G, N, D)
+    value_rows = (head_pages * bs + torch.arange(bs, dtype=i32)).expand(Hk, G, N, bs)
+    seq_starts = (first_page * bs).int()  # (B,) first slot of each bag
+    value_offsets = torch.arange(Hk * G, dtype=i32)[:, None] * (N * bs) + seq_starts
     return DecodeRows(
         seq_of_page=seq_of_page,
         hidden=hidden,
-        key_rows=key_rows.reshape(-1, D).int(),
-        value_rows=value_rows.reshape(-1).int(),
-        value_offsets=value_offsets.reshape(-1).int(),
+        key_rows=key_rows.reshape(-1, D),
+        value_rows=value_rows.reshape(-1),
+        value_offsets=value_offsets.reshape(-1),
     )
 
 
