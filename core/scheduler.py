@@ -234,7 +234,8 @@ class Scheduler:
         for s in output.scheduled if worker is None else output.by_worker[worker]:
             r = s.request
             if r.is_finished or r.status != RequestStatus.RUNNING:
-                continue  # aborted while the step ran
+                continue  # ended, aborted or preempted while the step ran
+            assert s.start == r.num_computed_tokens, "steps must be updated in order"
             r.num_computed_tokens += s.num_new_tokens
             self.block_managers[r.worker].cache_full_blocks(r)
             if s.sample:
