@@ -214,12 +214,12 @@ class Scheduler:
                     follows_sample=end > r.num_tokens,
                 )
             )
-        plans = []
-        for w, seqs in enumerate(per_worker):
-            plans.append(
-                StepPlan(step_id=self.step_id, seqs=seqs, finished_ids=self._finished_ids[w])
-            )
-            self._finished_ids[w] = []
+        plans = [
+            StepPlan(step_id=self.step_id, seqs=seqs, finished_ids=list(self._finished_ids[w]))
+            for w, seqs in enumerate(per_worker)
+        ]
+        if scheduled:  # an empty step is not sent: its finished ids wait for the next one
+            self._finished_ids = [[] for _ in self.block_managers]
         return plans
 
     # ------------------------------------------------------------------ update

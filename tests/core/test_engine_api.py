@@ -334,3 +334,17 @@ def test_engine_accounts_step_time_and_model_compute(tiny_model, random_prompts)
         engine = llm.engine
         assert 0.0 < engine.compute_time_s <= engine.step_time_s
         assert 0.0 <= engine.overhead_fraction < 1.0
+
+
+def test_worker_state_of_finished_requests_is_dropped(tiny_model, random_prompts):
+    """A worker keeps per-request sampling state until a plan lists the request as finished.
+    A step that schedules nothing is never sent (an idle server step, or async scheduling's
+    step planned ahead of the last one), so the ids it would carry wait for the next step."""
+    with make_llm(tiny_model("llama")) as llm:
+        states = llm.engine.executor.runner.states
+        first = llm.generate(random_prompts([5, 7, 9]), greedy(4))
+        assert len(states) == 3  # nothing has run since they finished
+        assert llm.engine.step() == []  # an idle step
+        (second,) = llm.generate(random_prompts([6], seed=1), greedy(4))
+        assert set(states) == {second.request_id}
+        assert not set(states) & {o.request_id for o in first}

@@ -287,6 +287,10 @@ def test_abort_releases_blocks_and_tells_the_worker():
     assert (request.finish_reason, request.block_ids) == ("abort", [])
     assert scheduler.block_managers[0].num_free_blocks == 8
     assert scheduler.schedule().plans[0].finished_ids == ["a"]
+    # That step was empty, so no worker got it: the next step that runs says it again, once.
+    scheduler.add(make_request("b", [6] * 3))
+    assert scheduler.schedule().plans[0].finished_ids == ["a"]
+    assert scheduler.schedule().plans[0].finished_ids == []
 
 
 def test_request_aborted_while_its_step_ran_is_left_alone():
