@@ -155,7 +155,7 @@ class ModelRunner:
         bs = self.block_size
         token_ids: list[int] = []
         positions: list[int] = []
-        slots: list[int] = []
+        slot_blocks: list[int] = []  # the cache block of each token (its offset: pos % bs)
         starts: list[int] = []
         decode_tables, decode_lens, prefills = [], [], []
         for seq in seqs:
@@ -166,7 +166,7 @@ class ModelRunner:
             pos = range(seq.start_pos, seq.start_pos + n)
             positions.extend(pos)
             blocks = seq.block_ids
-            slots.extend(blocks[p // bs] * bs + p % bs for p in pos)
+            slot_blocks.extend(blocks[p // bs] for p in pos)
             context_len = seq.start_pos + n
             if n == 1:
                 assert not prefills, "decode rows must come first in a plan"
@@ -186,7 +186,6 @@ class ModelRunner:
         padded = [t + [0] * (width - len(t)) for t in decode_tables]  # unused entries: block 0
         table = torch.tensor(padded, dtype=torch.int32).view(len(decode_tables), width)
         dev = self.device
-        slot_tensor = torch.tensor(slots, dtype=torch.int64, device=dev)
         lens = torch.tensor(decode_lens, dtype=torch.int32, device=dev)
         rows = None
         if decode_lens and self.decode_in_place and backend(lens) == "torch":
@@ -200,10 +199,11 @@ class ModelRunner:
                 bs,
                 cfg.head_dim,
             )
+        position_tensor = torch.tensor(positions, dtype=torch.int64, device=dev)
         meta = AttentionMetadata(
-            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
-            slot_blocks=slot_tensor // bs,
-            slot_offsets=slot_tensor % bs,
+            positions=position_tensor,
+            slot_blocks=torch.tensor(slot_blocks, dtype=torch.int64, device=dev),
+            slot_offsets=position_tensor % bs,
             num_decode_tokens=len(decode_lens),
             decode_block_tables=table.to(dev),
             decode_context_lens=lens,
