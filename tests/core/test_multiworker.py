@@ -243,6 +243,13 @@ def test_oversized_message_to_the_engine_is_refused_and_serving_continues(
         assert again[0].token_ids == expected[0].token_ids
 
 
+def run_to_end(engine, outs: dict[str, list[int]]) -> None:
+    """Step the engine until nothing is left, adding each request's new tokens to `outs`."""
+    while engine.has_unfinished():
+        for delta in engine.step():
+            outs.setdefault(delta.request_id, []).extend(delta.new_token_ids)
+
+
 def test_a_step_abandoned_halfway_leaves_no_stale_result(tmp_path_factory):
     """The engine takes each worker's results as they arrive; if it stops after the first (an
     error while processing it), the other worker's late result of that step is dropped, not
@@ -263,9 +270,7 @@ def test_a_step_abandoned_halfway_leaves_no_stale_result(tmp_path_factory):
         assert first.step_id == out.step_id and first.seqs
         assert [s.request.num_computed_tokens for s in out.scheduled] == computed
         outs: dict[str, list[int]] = {}
-        while engine.has_unfinished():
-            for delta in engine.step():
-                outs.setdefault(delta.request_id, []).extend(delta.new_token_ids)
+        run_to_end(engine, outs)
         assert [outs[f"x{i}"] for i in range(len(token_lists))] == want
 
 
@@ -335,11 +340,7 @@ def test_an_error_while_taking_results_drops_the_step_planned_ahead(tmp_path_fac
             engine.add_request(p, params[i], request_id=f"x{i}")
         outs: dict[str, list[int]] = {}
         with pytest.raises(RuntimeError, match="injected"):
-            while engine.has_unfinished():
-                for delta in engine.step():
-                    outs.setdefault(delta.request_id, []).extend(delta.new_token_ids)
+            run_to_end(engine, outs)
         assert engine._ahead is None
-        while engine.has_unfinished():
-            for delta in engine.step():
-                outs.setdefault(delta.request_id, []).extend(delta.new_token_ids)
+        run_to_end(engine, outs)
     assert [outs[f"x{i}"] for i in range(len(token_lists))] == want
