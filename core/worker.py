@@ -76,6 +76,8 @@ def worker_main(run_dir: str, rank: int) -> None:
         device = config.resolve_device(rank)
         if device.type == "cpu":
             torch.set_num_threads(config.num_threads or max(1, (os.cpu_count() or 1) // world))
+        else:  # kernels launch on the current device; collectives pick it too
+            torch.cuda.set_device(device)
         model_cfg = ModelConfig.from_hf(model_path)
         placement = ExpertPlacement.contiguous(model_cfg.num_experts, world, rank)
         collective = create_collective(
@@ -94,7 +96,7 @@ def worker_main(run_dir: str, rank: int) -> None:
             progress=config.progress and rank == 0,
         )
         experts = 0
-        exchange = ExpertParallel(collective, placement)  # shared by every MoE layer
+        exchange = ExpertParallel(collective, placement, device)  # shared by every MoE layer
         for module in runner.model.modules():
             if isinstance(module, MoELayer):
                 module.exchange = exchange

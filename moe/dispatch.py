@@ -27,10 +27,12 @@ class ExpertParallel:
     because the all-to-alls are collective.
     """
 
-    def __init__(self, collective: Collective, placement: ExpertPlacement) -> None:
+    def __init__(
+        self, collective: Collective, placement: ExpertPlacement, device: torch.device | None = None
+    ) -> None:
         assert collective.world_size == placement.world_size
         self.collective = collective
-        self.owner = placement.owner_tensor()  # (E,) worker of each expert
+        self.owner = placement.owner_tensor(device)  # (E,) worker of each expert
         self.comm_time_s = 0.0  # time inside the all-to-alls, summed until reset by the worker
 
     def _all_to_all(self, parts: list[torch.Tensor]) -> list[torch.Tensor]:

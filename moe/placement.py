@@ -40,10 +40,13 @@ class ExpertPlacement:
         """Global ids of this rank's experts, in local-index order."""
         return [e for e in range(self.num_experts) if self.owner[e] == self.rank]
 
-    def expert_map(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """(E,) int32: global expert id -> local index on this rank, or -1."""
+    def expert_map(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """(E,) int32: global expert id -> local index on this rank, or -1.
+
+        With no device, on torch's current default one (a model built inside `with
+        torch.device("cuda")` gets its map there)."""
         m = [self.local[e] if self.owner[e] == self.rank else -1 for e in range(self.num_experts)]
         return torch.tensor(m, dtype=torch.int32, device=device)
 
-    def owner_tensor(self, device: torch.device | str = "cpu") -> torch.Tensor:
+    def owner_tensor(self, device: torch.device | str | None = None) -> torch.Tensor:
         return torch.tensor(self.owner, dtype=torch.int64, device=device)

@@ -1,5 +1,8 @@
 """torch.distributed collective: gloo for CPU tensors, NCCL for CUDA tensors.
 
+NCCL needs a GPU of its own per rank; when ranks share one (more workers than GPUs), CUDA
+tensors are staged through host memory and travel over gloo instead.
+
 Rank 0 hosts a TCPStore at `init_method` (``tcp://host:port``); every rank joins it, waits for
 the others (`connect_timeout_s`), then builds the process group with `timeout_s` as its timeout.
 Small metadata (row counts, dtypes, shapes) always travels through gloo on CPU; data travels on
@@ -11,6 +14,7 @@ NOTE: torch.distributed keeps one default process group per process: one instanc
 from __future__ import annotations
 
 import math
+import socket
 import threading
 import time
 from datetime import timedelta
@@ -61,7 +65,8 @@ class TorchDistCollective(Collective):
         self._heartbeat.start()
         try:
             self._join(connect_timeout_s)
-            backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+            self._nccl = self._gpu_per_rank()
+            backend = "cpu:gloo,cuda:nccl" if self._nccl else "gloo"
             dist.init_process_group(
                 backend, store=dist.PrefixStore("pg", self._store), rank=rank,
                 world_size=world_size, timeout=timedelta(seconds=timeout_s),
@@ -84,6 +89,18 @@ class TorchDistCollective(Collective):
                 missing[0] if missing else None,
                 f"ranks {missing} did not join within {connect_timeout_s}s",
             ) from None
+
+    def _gpu_per_rank(self) -> bool:
+        """Whether every rank drives a GPU no other rank uses (what NCCL requires)."""
+        if not torch.cuda.is_available():
+            return False
+        self._store.set(f"gpu/{self.rank}", f"{socket.gethostname()}:{torch.cuda.current_device()}")
+        gpus = {self._store.get(f"gpu/{r}") for r in range(self.world_size)}
+        return len(gpus) == self.world_size
+
+    def _wire(self, tensor: torch.Tensor) -> torch.device:
+        """Where `tensor` travels: its own device, or the host when NCCL cannot carry it."""
+        return tensor.device if tensor.is_cpu or self._nccl else torch.device("cpu")
 
     def _beat(self) -> None:
         store = dist.TCPStore(self._addr[0], self._addr[1], is_master=False,
@@ -138,12 +155,13 @@ class TorchDistCollective(Collective):
             in_splits = [n * row_elems for n in meta_out[:, 0].tolist()]
             out_rows = meta_in[:, 0].tolist()
             flat_in = torch.cat([t.reshape(-1) if i != self.rank else t.new_empty(0)
-                                 for i, t in enumerate(send)])
-            flat_out = mine.new_empty(sum(out_rows) * row_elems)
+                                 for i, t in enumerate(send)]).to(self._wire(mine))
+            flat_out = flat_in.new_empty(sum(out_rows) * row_elems)
             dist.all_to_all_single(flat_out, flat_in, [n * row_elems for n in out_rows],
                                    in_splits)
         except RuntimeError as exc:
             raise self._lost(exc) from exc
+        flat_out = flat_out.to(mine.device)
         recv = [chunk.view(n, *mine.shape[1:])
                 for chunk, n in zip(flat_out.split([n * row_elems for n in out_rows]), out_rows)]
         recv[self.rank] = mine
@@ -159,13 +177,13 @@ class TorchDistCollective(Collective):
             for src, (n, *rest) in enumerate(m.tolist() for m in metas):
                 self._check_meta("all_gather", src, rest, tensor)
                 rows.append(n)
-            padded = tensor.new_zeros(max(rows), *tensor.shape[1:])
+            padded = tensor.new_zeros(max(rows), *tensor.shape[1:], device=self._wire(tensor))
             padded[: tensor.shape[0]] = tensor
             outs = [torch.empty_like(padded) for _ in range(self.world_size)]
             dist.all_gather(outs, padded)
         except RuntimeError as exc:
             raise self._lost(exc) from exc
-        gathered = [out[:n] for out, n in zip(outs, rows)]
+        gathered = [out[:n].to(tensor.device) for out, n in zip(outs, rows)]
         gathered[self.rank] = tensor
         return gathered
 
@@ -183,11 +201,12 @@ class TorchDistCollective(Collective):
         try:
             self._send_recv(meta, nxt, meta_in, prev)
             code, ndim, *dims = meta_in.tolist()
-            out = torch.empty(dims[:ndim], dtype=_DTYPES[code], device=tensor.device)
-            self._send_recv(tensor.contiguous(), nxt, out, prev)
+            send = tensor.contiguous().to(self._wire(tensor))
+            out = torch.empty(dims[:ndim], dtype=_DTYPES[code], device=send.device)
+            self._send_recv(send, nxt, out, prev)
         except RuntimeError as exc:
             raise self._lost(exc) from exc
-        return out
+        return out.to(tensor.device)
 
     @staticmethod
     def _send_recv(send: torch.Tensor, dst: int, recv: torch.Tensor, src: int) -> None:

@@ -201,4 +201,11 @@ def test_triton_matches_torch_cuda_bf16(T, mapped, activation):
                     device="cuda")
     got = fused_moe_triton(**args, activation=activation)
     want = fused_moe_torch(**args, activation=activation)
-    torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+    # Both round to bf16 at different points (the clamped SwiGLU's `u + 1` makes that show), so
+    # measure each against the fp32 computation: ours may not be further off than torch's.
+    exact = fused_moe_torch(**{k: v.float() if torch.is_tensor(v) and v.is_floating_point()
+                               else v for k, v in args.items()}, activation=activation)
+    ours, theirs = (got.float() - exact).abs(), (want.float() - exact).abs()
+    assert ours.max() <= 1.5 * theirs.max() + 1e-3
+    assert ours.mean() <= 1.5 * theirs.mean() + 1e-4
+    torch.testing.assert_close(got, want, atol=5e-2, rtol=2e-2)

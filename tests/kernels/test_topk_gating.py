@@ -137,6 +137,15 @@ def test_triton_matches_torch_cuda_bf16(case):
     args = _args(case, 64, gen)
     if args["correction_bias"] is not None:
         args["correction_bias"] = args["correction_bias"].cuda()
-    got, want = topk_gating_triton(logits, **args), topk_gating_torch(logits, **args)
-    assert (got[1] == want[1]).float().mean() > 0.99  # bf16 logits can tie
-    torch.testing.assert_close(got[0].sort(1).values, want[0].sort(1).values, atol=2e-2, rtol=0)
+    (got_w, got_ids), (want_w, want_ids) = (topk_gating_triton(logits, **args),
+                                            topk_gating_torch(logits, **args))
+    # bf16 logits tie often: ours takes the lowest expert, torch.topk on CUDA any of them. So
+    # the experts may differ only by equal choice values, rank by rank.
+    logits = logits.float()
+    scores = logits.softmax(-1) if args["scoring"] == "softmax" else logits.sigmoid()  # (T, E)
+    choice = scores + (0 if args["correction_bias"] is None else args["correction_bias"])
+    torch.testing.assert_close(choice.gather(1, got_ids.long()), choice.gather(1, want_ids.long()),
+                               atol=1e-6, rtol=0)
+    same = (got_ids == want_ids).all(1)  # (T,) rows without a tie that matters
+    assert same.float().mean() > 0.9
+    torch.testing.assert_close(got_w[same], want_w[same], atol=1e-5, rtol=1e-5)

@@ -38,3 +38,28 @@ def test_exchange_equals_local_grouped_compute(dtype, packed, monkeypatch):
     per_pair = compute(x.repeat_interleave(K, 0), weights.reshape(-1, 1), ids.reshape(-1, 1))
     expected = per_pair.float().view(T, K, H).sum(1).to(dtype)
     torch.testing.assert_close(out, expected, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["qwen2-moe", "qwen3-moe"])
+def test_every_model_tensor_follows_the_build_device(family, tmp_path):
+    """The runner builds the model inside `with torch.device(d)`; a tensor made elsewhere (the
+    expert map, once) stays on the CPU and breaks every MoE step on a GPU."""
+    from titanserve.core.config import ModelConfig
+    from titanserve.core.model.decoder import DecoderModel
+    from titanserve.launcher.tiny_models import make_tiny
+
+    cfg = ModelConfig.from_hf(make_tiny(family, tmp_path, num_hidden_layers=2))
+    placement = ExpertPlacement.contiguous(cfg.num_experts, 2, 1)
+    with torch.device("meta"):
+        model = DecoderModel(cfg, placement, max_positions=64)
+    off = [name for name, t in [*model.named_parameters(), *model.named_buffers()]
+           if t.device.type != "meta"]
+    assert not off
+    assert placement.expert_map().device.type == "cpu"  # outside the context: the default
+    collective = create_collective("zmq", 0, 1)
+    try:
+        exchange = dispatch.ExpertParallel(collective, ExpertPlacement.contiguous(8),
+                                           torch.device("meta"))
+    finally:
+        collective.close()
+    assert exchange.owner.device.type == "meta"
