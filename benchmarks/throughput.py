@@ -8,7 +8,7 @@ on tiny fp32 checkpoints from `make_tiny`, scaled up so that model compute is no
 transformers runs them in batches with left padding and an attention mask; a batch generates
 its longest output, and only the tokens each request asked for are counted. Prints output
 tokens/s of both, the ratio, and how many greedy tokens agree. `--smollm2` adds SmolLM2-135M
-(bf16) decode tok/s at batch 1 and 8.
+(bf16) decode tok/s at batch 1 and 8. Both run on `--device` (default: CUDA when there is one).
 """
 
 from __future__ import annotations
@@ -53,16 +53,18 @@ def make_requests(
 
 
 def run_titanserve(
-    path: Path, requests: list[Request], workers: int, dtype: str, repeat: int = 1
+    path: Path, requests: list[Request], workers: int, dtype: str, device: str, repeat: int = 1
 ) -> dict:
     """Best of `repeat` runs, each a fresh engine (a warm prefix cache would flatter it)."""
-    runs = [_titanserve_once(path, requests, workers, dtype) for _ in range(repeat)]
+    runs = [_titanserve_once(path, requests, workers, dtype, device) for _ in range(repeat)]
     return min(runs, key=lambda r: r["elapsed_s"])
 
 
-def _titanserve_once(path: Path, requests: list[Request], workers: int, dtype: str) -> dict:
+def _titanserve_once(
+    path: Path, requests: list[Request], workers: int, dtype: str, device: str
+) -> dict:
     """Time `LLM.generate` on all requests at once (after a warm-up request)."""
-    llm = LLM(str(path), dtype=dtype, num_workers=workers, progress=False)
+    llm = LLM(str(path), dtype=dtype, num_workers=workers, device=device, progress=False)
     try:
         params = [
             SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for _, n in requests
@@ -106,7 +108,8 @@ def _time_big_batch_steps(engine, min_batch: int = BIG_BATCH) -> list[float]:
 
 @torch.inference_mode()
 def run_hf(
-    path: Path, requests: list[Request], batch_size: int, dtype: str, repeat: int = 1
+    path: Path, requests: list[Request], batch_size: int, dtype: str, device: str,
+    repeat: int = 1,
 ) -> dict:
     """Time batched `transformers.generate` (left padding, attention mask, greedy, no EOS)."""
     import transformers
@@ -114,7 +117,7 @@ def run_hf(
     transformers.utils.logging.disable_progress_bar()
     model = transformers.AutoModelForCausalLM.from_pretrained(
         path, dtype=getattr(torch, dtype)
-    ).eval()
+    ).to(device).eval()
     model.generation_config.eos_token_id = None  # ignore EOS, like ignore_eos=True
 
     def generate(batch: list[Request]) -> list[list[int]]:
@@ -125,8 +128,8 @@ def run_hf(
             ids[row, width - len(prompt) :] = torch.tensor(prompt)
             mask[row, width - len(prompt) :] = 1
         out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
             max_new_tokens=max(n for _, n in batch),
             do_sample=False,
             pad_token_id=0,
@@ -169,13 +172,13 @@ def bench_tiny(name: str, workers: list[int], args: argparse.Namespace, tmp: Pat
     requests = make_requests(args.num_requests, vocab, (32, 256), (64, 128), args.seed)
     n_in = sum(len(p) for p, _ in requests)
     print(f"\n{name} (fp32, {len(requests)} requests, {n_in} prompt tokens)", flush=True)
-    hf = run_hf(path, requests, args.hf_batch_size, "float32", args.repeat)
+    hf = run_hf(path, requests, args.hf_batch_size, "float32", args.device, args.repeat)
     _row(f"transformers (batch {args.hf_batch_size})", hf)
     hf_rate = hf["tokens"] / hf["elapsed_s"]
     for w in workers:
         label = f"titanserve ({w} worker{'s' * (w > 1)})"
         try:
-            ts = run_titanserve(path, requests, w, "float32", args.repeat)
+            ts = run_titanserve(path, requests, w, "float32", args.device, args.repeat)
         except Exception as e:  # one broken configuration must not hide the others' numbers
             print(f"  {label:<26}FAILED: {type(e).__name__}: {e}", flush=True)
             continue
@@ -200,9 +203,9 @@ def bench_smollm2(args: argparse.Namespace, tmp: Path) -> None:
     print("\nsmollm2-135M (bf16, 32 prompt tokens, 64 output tokens)", flush=True)
     for batch in (1, 8):
         requests = make_requests(batch, 49152, (32, 32), (64, 64), args.seed)
-        hf = run_hf(path, requests, batch, "bfloat16", args.repeat)
+        hf = run_hf(path, requests, batch, "bfloat16", args.device, args.repeat)
         _row(f"transformers b{batch}", hf)
-        ts = run_titanserve(path, requests, 1, "bfloat16", args.repeat)
+        ts = run_titanserve(path, requests, 1, "bfloat16", args.device, args.repeat)
         ratio = (ts["tokens"] / ts["elapsed_s"]) / (hf["tokens"] / hf["elapsed_s"])
         _row(f"titanserve b{batch}", ts, f"  x{ratio:.2f} vs HF")
 
@@ -217,12 +220,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeat", type=int, default=1, help="best of N runs (noisy hosts)")
     parser.add_argument("--smollm2", action="store_true", help="add SmolLM2-135M bf16 b1/b8")
+    parser.add_argument("--device", choices=["cpu", "cuda"],
+                        default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where both engines run (default: cuda when there is one)")
     args = parser.parse_args(argv)
     # The engine fixes glibc's malloc thresholds when it starts; do it first, so that
     # transformers runs under the same allocator settings.
     tuned = tune_malloc()
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}, {args.device}"
+        f"{' ' + torch.cuda.get_device_name() if args.device == 'cuda' else ''}, "
+        f"{torch.get_num_threads()} threads, "
         f"malloc thresholds fixed for both: {tuned}",
         flush=True,
     )
