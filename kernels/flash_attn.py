@@ -80,14 +80,59 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _attend_blocks(
+    acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, offs_m, offs_n, offs_d,
+    start, stop, Tk, D, q_offset, scale_log2, stride_kt, stride_vt,
+    CAUSAL: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Online softmax of the query block over the key blocks [start, stop). Without MASKED
+    every (query, key) pair is seen and no block crosses Tk: no -inf can appear."""
+    d_ok = offs_d < D
+    for start_n in range(start, stop, BLOCK_N):
+        cols = start_n + offs_n
+        k_ptrs = k_base + tl.cast(start_n, tl.int64) * stride_kt + k_offs  # (BLOCK_D, BLOCK_N)
+        v_ptrs = v_base + tl.cast(start_n, tl.int64) * stride_vt + v_offs  # (BLOCK_N, BLOCK_D)
+        if MASKED:
+            col_ok = cols < Tk
+            k = tl.load(k_ptrs, mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        elif EVEN_D:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+        s = tl.dot(q, k, input_precision=PRECISION) * scale_log2  # (BLOCK_M, BLOCK_N)
+        if MASKED:
+            ok = col_ok[None, :]
+            if CAUSAL:
+                ok = ok & (cols[None, :] <= offs_m[:, None] + q_offset)
+            s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked rows stay 0
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = m_new
+        p = tl.exp2(s - m_safe[:, None])  # (BLOCK_M, BLOCK_N)
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _flash_attn_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
     Tq, Tk, Hq, D, group, q_offset, scale_log2,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-    CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, PRECISION: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
+    if CAUSAL:  # the last query blocks see the most keys: launch them first
+        pid_m = tl.num_programs(0) - 1 - pid_m
     head = tl.program_id(1)
     kv_head = head // group
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -97,34 +142,29 @@ def _flash_attn_kernel(
     d_ok = offs_d < D
     q_ptrs = q_ptr + offs_m.to(tl.int64)[:, None] * stride_qt + head * stride_qh + offs_d[None, :]
     q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
-    keys = offs_n.to(tl.int64)
-    k_ptrs = k_ptr + kv_head * stride_kh + keys[None, :] * stride_kt + offs_d[:, None]
-    v_ptrs = v_ptr + kv_head * stride_vh + keys[:, None] * stride_vt + offs_d[None, :]
+    # NOTE: pointers are rebuilt per key block from these: pointer tiles carried through both
+    # loops made Triton 3.6 spill registers and double the shared memory for sm_90
+    k_base = k_ptr + kv_head * stride_kh
+    v_base = v_ptr + kv_head * stride_vh
+    k_offs = offs_n[None, :] * stride_kt + offs_d[:, None]  # (BLOCK_D, BLOCK_N)
+    v_offs = offs_n[:, None] * stride_vt + offs_d[None, :]  # (BLOCK_N, BLOCK_D)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)  # running max, log2 units
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    # keys [0, full) are seen by every query of the block; [full, end) need a mask: the
+    # causal diagonal (the block's last query sees keys up to its row + q_offset), Tk's end
+    full = Tk
     end = Tk
-    if CAUSAL:  # the block's last query sees keys up to its row + q_offset
-        end = tl.minimum(Tk, (pid_m + 1) * BLOCK_M + q_offset)
-    for start in range(0, end, BLOCK_N):
-        cols = start + offs_n
-        col_ok = cols < Tk
-        k = tl.load(k_ptrs, mask=d_ok[:, None] & col_ok[None, :], other=0.0)  # (BLOCK_D, BLOCK_N)
-        s = tl.dot(q, k, input_precision=PRECISION) * scale_log2  # (BLOCK_M, BLOCK_N)
-        ok = col_ok[None, :]
-        if CAUSAL:
-            ok = ok & (cols[None, :] <= offs_m[:, None] + q_offset)
-        s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked rows stay at 0
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
-        k_ptrs += BLOCK_N * stride_kt
-        v_ptrs += BLOCK_N * stride_vt
+    if CAUSAL:
+        full = tl.maximum(tl.minimum(Tk, pid_m * BLOCK_M + q_offset + 1), 0)
+        end = tl.minimum(Tk, tl.minimum(Tq, (pid_m + 1) * BLOCK_M) + q_offset)
+    full = full // BLOCK_N * BLOCK_N
+    acc, l_i, m_i = _attend_blocks(
+        acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, offs_m, offs_n, offs_d, 0, full, Tk, D,
+        q_offset, scale_log2, stride_kt, stride_vt, CAUSAL, False, EVEN_D, PRECISION, BLOCK_N)
+    acc, l_i, m_i = _attend_blocks(
+        acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, offs_m, offs_n, offs_d, full, end, Tk,
+        D, q_offset, scale_log2, stride_kt, stride_vt, CAUSAL, True, EVEN_D, PRECISION, BLOCK_N)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse2 = m_i + tl.log2(tl.where(empty, 1.0, l_i))
@@ -135,6 +175,17 @@ def _flash_attn_kernel(
     tl.store(lse_ptr + rows, lse, mask=m_ok)
 
 
+def _launch_config(Tq: int, block_d: int, elem_bytes: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for Hopper. Short Tq (chunks, ring steps)
+    gets query blocks of its size, not 128 rows of padding. At 16-bit and D <= 128, three
+    K/V stages fit shared memory (D=128: Q 32 KiB + 2 x 3 x 16 KiB, of 227 KiB); fp32 and
+    larger head dims take two stages, fp32 half-height key blocks (its dot runs on FMAs)."""
+    block_m = 128 if Tq >= 128 else min(64, max(16, next_pow2(Tq)))
+    if elem_bytes == 2 and block_d <= 128:
+        return block_m, 64, 8 if block_m == 128 and block_d > 64 else 4, 3
+    return min(block_m, 64), 32 if elem_bytes == 4 else 64, 8 if block_d >= 128 else 4, 2
+
+
 def flash_attn_fwd_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -142,11 +193,12 @@ def flash_attn_fwd_triton(
     causal: bool = True,
     q_offset: int = 0,
     scale: float | None = None,
-    block_m: int = 64,
-    block_n: int = 64,
+    block_m: int | None = None,
+    block_n: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton `flash_attn_fwd_torch`: one program per (BLOCK_M queries, query head), online
-    softmax over key blocks, stopping at the causal limit."""
+    softmax over the key blocks every query sees (unmasked), then over the masked ones (the
+    causal diagonal, the end of Tk). `block_m`/`block_n` override the launch config."""
     require_launchable("flash_attn_fwd", q, k, v)
     require(q.stride(2) == 1 and k.stride(2) == 1 and v.stride(2) == 1,
             "flash_attn_fwd: q, k and v need a contiguous head dim")
@@ -159,11 +211,13 @@ def flash_attn_fwd_triton(
     if Tq == 0:
         return out, lse
     block_d = max(16, next_pow2(D))
+    config_m, config_n, num_warps, num_stages = _launch_config(Tq, block_d, q.element_size())
+    block_m, block_n = block_m or config_m, block_n or config_n
     _flash_attn_kernel[(cdiv(Tq, block_m), Hq)](
         q, k, v, out, lse, Tq, Tk, Hq, D, Hq // Hk, q_offset, scale * LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         CAUSAL=causal, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        num_warps=4 if block_d <= 64 else 8, num_stages=2,
+        EVEN_D=D == block_d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        num_warps=num_warps, num_stages=num_stages,
     )
     return out, lse

@@ -85,6 +85,8 @@ def main(full: bool) -> None:
             q, kv = torch.randn(7, 4, D, dtype=dtype), torch.randn(9, 2, D, dtype=dtype)
             flash_attn_fwd_triton(q, kv, kv, causal=True, q_offset=2)
             flash_attn_fwd_triton(q, kv, kv, causal=False)
+            long_q = torch.randn(130, 4, D, dtype=dtype)  # the 128-row, 3-stage launch config
+            flash_attn_fwd_triton(long_q, long_q[:, :2], long_q[:, :2], causal=True)
             cache = torch.randn(6, 16, 2, D, dtype=dtype)
             tables = torch.zeros(3, 4, dtype=torch.int32)
             lens = torch.tensor([0, 5, 60], dtype=torch.int32)

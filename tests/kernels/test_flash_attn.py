@@ -86,12 +86,31 @@ def test_torch_custom_scale_and_bf16():
     assert_attention_close(got, attention_loop(q, k, v, True, 3, scale=0.3), atol=2e-2, rtol=2e-2)
 
 
+# 16-row blocks: unmasked key blocks, then the masked ones (diagonal, Tk's ragged end)
+TRITON_CASES = [
+    (33, 40, 4, 1, 80, True, 7),  # padded head dim
+    (40, 50, 4, 2, 64, True, 14),  # row 16 sees keys <= 30: one short of an unmasked block
+    (20, 30, 2, 1, 64, True, 1),  # row 15 sees key 16, the first of the next block
+    (20, 33, 2, 1, 64, False, 0),
+    (33, 33, 2, 2, 64, True, -20),
+]
+
+
 @interp
-@pytest.mark.parametrize("Tq,Tk,Hq,Hk,D,causal,q_offset",
-                         [*CASES, (33, 40, 4, 1, 80, True, 7), (33, 33, 2, 2, 64, True, -20)])
+@pytest.mark.parametrize("Tq,Tk,Hq,Hk,D,causal,q_offset", [*CASES, *TRITON_CASES])
 def test_triton_matches_torch(Tq, Tk, Hq, Hk, D, causal, q_offset):
     q, k, v = make_qkv(Tq, Tk, Hq, Hk, D)
     got = flash_attn_fwd_triton(q, k, v, causal, q_offset, block_m=16, block_n=16)
+    assert_attention_close(got, flash_attn_fwd_torch(q, k, v, causal, q_offset))
+
+
+@interp
+@pytest.mark.parametrize("Tq,Tk,D,causal,q_offset", [(130, 135, 64, True, 5),
+                                                     (9, 70, 80, False, 0)])
+def test_triton_default_blocks(Tq, Tk, D, causal, q_offset):
+    """The launcher's own blocks: 128 query rows from Tq = 128 on, fewer below."""
+    q, k, v = make_qkv(Tq, Tk, 2, 1, D)
+    got = flash_attn_fwd_triton(q, k, v, causal, q_offset)
     assert_attention_close(got, flash_attn_fwd_torch(q, k, v, causal, q_offset))
 
 
