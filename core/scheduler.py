@@ -253,8 +253,7 @@ class Scheduler:
     def _ends_by_length_after(self, request: Request) -> bool:
         """Whether the token a running step samples for `request` ends it by length."""
         return (
-            request.num_output_tokens + 1 >= request.sampling.max_tokens
-            or request.num_tokens + 1 >= self.config.max_model_len
+            request.max_outputs_left <= 1 or request.num_tokens + 1 >= self.config.max_model_len
         )
 
     def _preempt(self, request: Request) -> None:
