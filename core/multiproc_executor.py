@@ -21,9 +21,9 @@ import weakref
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
-import torch
 import zmq
 
 from titanserve.core.config import ModelConfig
@@ -43,6 +43,9 @@ from titanserve.ipc.messages import (
 )
 from titanserve.ipc.sockets import recv_ready
 from titanserve.ipc.tensor_frames import decode_tensor
+
+if TYPE_CHECKING:  # the in-process executor's module imports the model code
+    from titanserve.core.executor import WorkerOutput
 
 POLL_MS = 100
 START_TIMEOUT_S = 120.0  # spawn -> Hello: an interpreter importing torch
@@ -134,7 +137,7 @@ class MultiProcExecutor:
         """Never collect this submitted step: its results are dropped when they come."""
         self.in_flight.remove(step_id)
 
-    def collect(self) -> Iterator[tuple[int, StepResult, torch.Tensor | None]]:
+    def collect(self) -> Iterator[WorkerOutput]:
         """The oldest submitted step's results: each worker's (rank, result, logits) as it
         arrives, so that the engine can process one while the others still compute. A
         result of a later step (a worker a step ahead) is kept for its collect; one of an
@@ -144,7 +147,7 @@ class MultiProcExecutor:
         step_id = self.in_flight.popleft()
         self.early = {key: v for key, v in self.early.items() if key[0] >= step_id}
         pending = set(range(self.world_size))
-        for rank in sorted(pending):
+        for rank in range(self.world_size):
             early = self.early.pop((step_id, rank), None)
             if early is not None:
                 pending.discard(rank)
