@@ -21,6 +21,7 @@ from titanserve.core.model.loader import load_weights
 from titanserve.core.sampler import Sampler, SamplingState
 from titanserve.ipc.messages import SeqPlan, SeqResult, StepPlan, StepResult
 from titanserve.kernels.backend import backend
+from titanserve.kernels.cpu_linear import pack_linear_weights
 from titanserve.kernels.paged_decode_rows import decode_rows
 from titanserve.moe.placement import ExpertPlacement
 
@@ -57,6 +58,8 @@ class ModelRunner:
         finally:
             torch.set_default_dtype(previous)
         load_weights(self.model, model_path, placement, progress=progress)
+        if device.type == "cpu":
+            pack_linear_weights(self.model)  # oneDNN layout, packed once (kernels.cpu_linear)
         self.k_caches, self.v_caches = allocate_kv_caches(
             cfg.num_layers, cfg.num_kv_heads, num_blocks, block_size, cfg.head_dim, dtype, device
         )  # each (L, num_blocks, block_size, Hk, D)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from titanserve.kernels.backend import backend
+from titanserve.kernels.cpu_linear import linear  # noqa: F401 (F.linear, or packed on CPU)
 from titanserve.kernels.flash_attn import flash_attn_fwd_torch, flash_attn_fwd_triton
 from titanserve.kernels.fused_moe import ACTIVATIONS, fused_moe_torch, fused_moe_triton
 from titanserve.kernels.lse_merge import lse_merge_torch, lse_merge_triton

@@ -19,6 +19,8 @@ from titanserve.moe.router import route
 
 
 class MoELayer(nn.Module):
+    LINEAR_WEIGHTS = ("gate",)  # see kernels.cpu_linear.pack_linear_weights
+
     def __init__(self, cfg: ModelConfig, placement: ExpertPlacement) -> None:
         super().__init__()
         self.cfg = cfg
@@ -44,7 +46,7 @@ class MoELayer(nn.Module):
         self.exchange = None  # set by the worker when experts are sharded (ExpertParallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (T, H) -> (T, H)
-        router_logits = F.linear(x, self.gate)  # (T, E)
+        router_logits = ops.linear(x, self.gate)  # (T, E)
         weights, ids = route(self.cfg, router_logits)  # (T, K) fp32, (T, K) int32
         weights = weights.to(x.dtype)
         if self.exchange is None:

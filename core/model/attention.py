@@ -8,7 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from titanserve.core.config import ModelConfig
@@ -43,6 +42,8 @@ class AttentionMetadata:
 
 
 class Attention(nn.Module):
+    LINEAR_WEIGHTS = ("qkv_weight", "o_weight")  # see kernels.cpu_linear.pack_linear_weights
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = (
@@ -81,7 +82,7 @@ class Attention(nn.Module):
         cos_sin: torch.Tensor,  # (max_pos, R)
     ) -> torch.Tensor:
         T = x.shape[0]
-        qkv = F.linear(x, self.qkv_weight, self.qkv_bias)  # (T, Hq*D + 2*Hk*D)
+        qkv = ops.linear(x, self.qkv_weight, self.qkv_bias)  # (T, Hq*D + 2*Hk*D)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(T, self.num_heads, self.head_dim)  # (T, Hq, D)
         k = k.view(T, self.num_kv_heads, self.head_dim)  # (T, Hk, D)
@@ -126,4 +127,4 @@ class Attention(nn.Module):
                 q_offset=chunk.context_len - chunk.num_tokens,
                 scale=self.scale,
             )[0]
-        return F.linear(out.view(T, self.q_size), self.o_weight, self.o_bias)  # (T, H)
+        return ops.linear(out.view(T, self.q_size), self.o_weight, self.o_bias)  # (T, H)

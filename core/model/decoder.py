@@ -10,6 +10,7 @@ from titanserve.core.config import ModelConfig
 from titanserve.core.model.attention import Attention, AttentionMetadata
 from titanserve.core.model.layers import GatedMLP, RMSNorm
 from titanserve.core.model.rope import cos_sin_table
+from titanserve.kernels import ops
 from titanserve.moe.layer import MoELayer
 from titanserve.moe.placement import ExpertPlacement
 
@@ -38,6 +39,8 @@ class DecoderLayer(nn.Module):
 
 class DecoderModel(nn.Module):
     """Embeddings -> layers -> final norm -> lm_head (logits only for the rows asked for)."""
+
+    LINEAR_WEIGHTS = ("lm_head",)  # see kernels.cpu_linear.pack_linear_weights
 
     def __init__(self, cfg: ModelConfig, placement: ExpertPlacement, max_positions: int) -> None:
         super().__init__()
@@ -73,4 +76,4 @@ class DecoderModel(nn.Module):
         return x  # (T, H)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head).float()  # (N, V) fp32
+        return ops.linear(hidden, self.lm_head).float()  # (N, V) fp32

@@ -29,6 +29,8 @@ CPU_MLP_ROWS_PER_PIECE = 1024
 class GatedMLP(nn.Module):
     """down(silu(gate(x)) * up(x)); gate and up are one (2I, H) matrix."""
 
+    LINEAR_WEIGHTS = ("gate_up_proj", "down_proj")  # see kernels.cpu_linear.pack_linear_weights
+
     def __init__(self, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
         self.intermediate_size = intermediate_size
@@ -49,6 +51,6 @@ class GatedMLP(nn.Module):
         return out
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = F.linear(x, self.gate_up_proj)  # (T, 2I)
+        gate_up = ops.linear(x, self.gate_up_proj)  # (T, 2I)
         gate, up = gate_up.split(self.intermediate_size, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down_proj)  # (T, H)
+        return ops.linear(F.silu(gate) * up, self.down_proj)  # (T, H)

@@ -1,12 +1,18 @@
 """Model building blocks beyond what the transformers oracle reaches: the CPU MLP that runs a
-long step's rows piece by piece gives the rows of running them all at once."""
+long step's rows piece by piece gives the rows of running them all at once; the CPU runner
+packs every linear weight for oneDNN (the oracle then checks the packed model's logits)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
+import torch.nn.functional as F
 
 from titanserve import LLM, SamplingParams
+from titanserve.core.config import ModelConfig
 from titanserve.core.model import layers
+from titanserve.core.model_runner import ModelRunner
+from titanserve.moe.placement import ExpertPlacement
 
 
 def test_mlp_in_pieces_equals_the_whole_batch(monkeypatch):
@@ -33,3 +39,28 @@ def test_prefill_logits_do_not_depend_on_the_mlp_piece_size(tiny_model, monkeypa
     (whole, whole_tokens), (pieces, piece_tokens) = results
     torch.testing.assert_close(pieces, whole, rtol=0, atol=1e-5)
     assert piece_tokens == whole_tokens
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mixtral"])  # tied embeddings; MoE with a router
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN")
+def test_the_cpu_runner_packs_its_model(tiny_model, family):
+    path = tiny_model(family)
+    cfg = ModelConfig.from_hf(path)
+    runner = ModelRunner(
+        path, cfg, torch.float32, block_size=16, num_blocks=8, max_model_len=128,
+        placement=ExpertPlacement.contiguous(cfg.num_experts), progress=False,
+    )
+    model = runner.model
+    listed = [
+        (module, name)
+        for module in model.modules()
+        for name in getattr(type(module), "LINEAR_WEIGHTS", ())
+    ]
+    assert listed and all(getattr(m, name).is_mkldnn for m, name in listed)
+    assert not model.embed_tokens.is_mkldnn  # the embedding lookup needs the dense table
+    if cfg.tie_word_embeddings:
+        hidden = torch.randn(3, cfg.hidden_size)
+        with torch.inference_mode():
+            torch.testing.assert_close(
+                model.logits(hidden), F.linear(hidden, model.embed_tokens), rtol=1e-5, atol=1e-5
+            )

@@ -1,0 +1,71 @@
+"""Linear layers on CPU through oneDNN, with each weight packed once after loading.
+
+`F.linear` on CPU calls BLAS, which repacks the weight into its blocked panel layout on every
+call; on a step of a few dozen rows that packing is a large share of the GEMM, and the weights
+of a whole model do not stay in cache between steps. oneDNN keeps a weight in its blocked
+layout for good (`mkldnn._reorder_linear_weight`), and its JIT kernels use AVX-512 on any x86
+vendor. On the development machine (AMD EPYC, 2 threads) `benchmarks/cpu_linear.py` runs a
+tiny Llama's 17 step GEMMs 1.47x faster packed at 64 rows in fp32 (2.0x at 8, 1.17x at 8192)
+and 1.02-1.8x in bf16.
+
+A packed weight is an opaque oneDNN tensor with the dense weight's shape and dtype: only
+`linear` below can use it, so the dense copy is dropped and memory does not grow.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# The row count oneDNN tunes the packed layout for; any row count works with any layout.
+# Measured 1 / 64 / 1024 at 1, 64 and 1024 rows: 1024 was best or within noise everywhere.
+PACK_ROWS_HINT = 1024
+
+
+def can_pack(weight: torch.Tensor) -> bool:
+    """Whether `pack` takes this weight: a dense 2-D fp32 (or bf16, where the CPU has it)
+    weight in host memory, with oneDNN built in."""
+    if weight.device.type != "cpu" or weight.layout != torch.strided or weight.dim() != 2:
+        return False
+    if not torch.backends.mkldnn.is_available():
+        return False
+    if weight.dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return weight.dtype == torch.float32
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """(N, K) dense weight -> the same (N, K) weight in oneDNN's blocked layout."""
+    if not can_pack(weight):
+        raise ValueError(
+            f"cpu_linear.pack: cannot pack a {weight.dtype} {tuple(weight.shape)} weight on "
+            f"{weight.device} (needs 2-D fp32/bf16 in host memory and oneDNN)"
+        )
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), PACK_ROWS_HINT)
+
+
+def linear(
+    x: torch.Tensor,  # (..., K)
+    weight: torch.Tensor,  # (N, K), dense or packed
+    bias: torch.Tensor | None = None,  # (N,)
+) -> torch.Tensor:  # (..., N)
+    """`F.linear`, also for a weight made by `pack`."""
+    if weight.is_mkldnn:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+def pack_linear_weights(model: nn.Module) -> int:
+    """Pack, in place, every weight a module lists in its `LINEAR_WEIGHTS` class attribute
+    (the parameters it only ever passes to `linear`) that `can_pack` takes. Returns how many
+    were packed. A parameter shared by two names (tied embeddings) is packed as a copy for
+    the `linear` name and stays dense under the other."""
+    packed = 0
+    for module in model.modules():
+        for name in getattr(type(module), "LINEAR_WEIGHTS", ()):
+            weight = getattr(module, name, None)
+            if isinstance(weight, torch.Tensor) and can_pack(weight):
+                setattr(module, name, nn.Parameter(pack(weight), requires_grad=False))
+                packed += 1
+    return packed

@@ -1,0 +1,93 @@
+"""Linear layers with oneDNN-packed weights on CPU: the same rows as `F.linear` for every shape
+the engine passes; packing a module keeps its outputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from titanserve.core.model.layers import GatedMLP
+from titanserve.kernels import cpu_linear
+
+pytestmark = pytest.mark.skipif(
+    not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN"
+)
+
+
+@pytest.mark.parametrize("rows", [0, 1, 7, 64, 1030])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_packed_linear_matches_f_linear(rows, with_bias):
+    g = torch.Generator().manual_seed(rows)
+    weight = torch.randn(96, 40, generator=g)  # (N, K)
+    bias = torch.randn(96, generator=g) if with_bias else None
+    x = torch.randn(rows, 40, generator=g)  # (M, K)
+    packed = cpu_linear.pack(weight)
+    assert packed.is_mkldnn and packed.shape == weight.shape and packed.dtype == weight.dtype
+    with torch.inference_mode():
+        out = cpu_linear.linear(x, packed, bias)
+    assert out.shape == (rows, 96) and out.dtype == torch.float32
+    torch.testing.assert_close(out, F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+
+
+def test_packed_linear_takes_3d_and_strided_inputs():
+    weight = torch.randn(32, 16)
+    packed = cpu_linear.pack(weight)
+    x3 = torch.randn(2, 5, 16)  # (B, S, K)
+    wide = torch.randn(9, 48)[:, 8:24]  # (9, 16), row stride 48
+    with torch.inference_mode():
+        torch.testing.assert_close(cpu_linear.linear(x3, packed), F.linear(x3, weight))
+        torch.testing.assert_close(cpu_linear.linear(wide, packed), F.linear(wide, weight))
+
+
+def test_dense_weights_go_through_f_linear():
+    weight, x = torch.randn(8, 4), torch.randn(3, 4)
+    assert torch.equal(cpu_linear.linear(x, weight), F.linear(x, weight))
+
+
+@pytest.mark.skipif(
+    not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no bf16 support in oneDNN here"
+)
+def test_packed_bf16_linear():
+    weight = torch.randn(64, 32).bfloat16()
+    x = torch.randn(10, 32).bfloat16()
+    with torch.inference_mode():
+        out = cpu_linear.linear(x, cpu_linear.pack(weight))
+    assert out.dtype == torch.bfloat16
+    reference = F.linear(x.float(), weight.float())  # both round the fp32 sums once
+    torch.testing.assert_close(out.float(), reference, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize(
+    "weight",
+    [
+        torch.randn(2, 4, 4),  # 3-D (stacked experts)
+        torch.randn(4, 4, dtype=torch.float64),
+        torch.randn(4, 4, device="meta"),
+    ],
+    ids=["3d", "fp64", "meta"],
+)
+def test_weights_that_cannot_be_packed_are_refused(weight):
+    assert not cpu_linear.can_pack(weight)
+    with pytest.raises(ValueError, match="cannot pack"):
+        cpu_linear.pack(weight)
+
+
+def test_an_already_packed_weight_is_not_packed_again():
+    assert not cpu_linear.can_pack(cpu_linear.pack(torch.randn(4, 4)))
+
+
+def test_pack_linear_weights_packs_every_listed_weight_and_keeps_outputs():
+    torch.manual_seed(0)
+    mlp = GatedMLP(hidden_size=32, intermediate_size=48)
+    torch.nn.init.normal_(mlp.gate_up_proj, std=0.2)
+    torch.nn.init.normal_(mlp.down_proj, std=0.2)
+    x = torch.randn(20, 32)
+    with torch.inference_mode():
+        before = mlp(x)
+        assert cpu_linear.pack_linear_weights(mlp) == 2
+        after = mlp(x)
+    assert mlp.gate_up_proj.is_mkldnn and mlp.down_proj.is_mkldnn
+    assert isinstance(mlp.gate_up_proj, torch.nn.Parameter)
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    assert cpu_linear.pack_linear_weights(mlp) == 0  # nothing left to pack
