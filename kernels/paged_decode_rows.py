@@ -89,20 +89,30 @@ def decode_rows(
     )
 
 
+# Softmax without each sequence's max subtracted (`_probs_unshifted`) when every score is at
+# most this: exp() cannot overflow in the sums then (e^30 * 2^31 keys < fp32's max).
+UNSHIFTED_MAX_SCORE = 30.0
+# ... and when every sequence's denominator is at least e^-60: scores floored at EXP_FLOOR
+# (e^-87) then weigh < e^-27 of it each, as the per-sequence max path's flooring does.
+UNSHIFTED_MIN_DENOM = 8.7e-27
+
+
 def paged_decode_attn_rows(
     q: torch.Tensor,  # (B, Hq, D)
     key_pages: torch.Tensor,  # (Hk, num_blocks, D, bs) contiguous: page-transposed keys
     value_pages: torch.Tensor,  # (Hk, num_blocks, bs, D) contiguous
     rows: DecodeRows,
     scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    with_lse: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Decode attention over the cache in place; returns `(out (B, Hq, D), lse (B, Hq) fp32)`,
-    the same as `paged_decode_attn_torch` (fp32 caches; context 0 gives out 0, lse -inf)."""
+    the same as `paged_decode_attn_torch` (fp32 caches; context 0 gives out 0, lse -inf).
+    `with_lse=False` returns None for lse (and skips computing it)."""
     B, Hq, D = q.shape
     Hk, _, _, bs = key_pages.shape
     HG, N = Hq, rows.seq_of_page.shape[0]
     if N == 0:
-        return torch.zeros_like(q), torch.full((B, Hq), float("-inf"))
+        return torch.zeros_like(q), torch.full((B, Hq), float("-inf")) if with_lse else None
     queries = (q * scale).view(B, Hk, Hq // Hk, D).permute(1, 2, 0, 3)  # (Hk, G, B, D)
     weights = queries.index_select(2, rows.seq_of_page).reshape(-1, D)  # (Hk*G*N, D)
     s = F.embedding_bag(
@@ -110,11 +120,16 @@ def paged_decode_attn_rows(
     ).view(HG, N, bs)  # scaled scores of every page's slots
     s.view(-1).index_fill_(0, rows.hidden, float("-inf"))
     seqs = rows.seq_of_page.expand(HG, N)
-    m = s.new_full((HG, B), float("-inf")).scatter_reduce_(1, seqs, s.amax(dim=2), "amax")
-    p = s.sub_(m.gather(1, seqs)[..., None])  # (HG, N, bs); m is finite where used
-    p = p.clamp_(min=EXP_FLOOR).exp_()
-    p.view(-1).index_fill_(0, rows.hidden, 0.0)
-    denom = s.new_zeros(HG, B).scatter_add_(1, seqs, p.sum(dim=2))  # (HG, B), 0: no context
+    m = None  # (HG, B) the max subtracted from each sequence's scores; None: 0
+    p_denom = _probs_unshifted(s, seqs, rows.hidden, B)
+    if p_denom is None:
+        m = s.new_full((HG, B), float("-inf")).scatter_reduce_(1, seqs, s.amax(dim=2), "amax")
+        p = s.sub_(m.gather(1, seqs)[..., None])  # (HG, N, bs); m is finite where used
+        p = p.clamp_(min=EXP_FLOOR).exp_()
+        p.view(-1).index_fill_(0, rows.hidden, 0.0)
+        denom = s.new_zeros(HG, B).scatter_add_(1, seqs, p.sum(dim=2))  # (HG, B), 0: no context
+    else:
+        p, denom = p_denom
     out = F.embedding_bag(
         rows.value_rows,
         value_pages.view(-1, D),
@@ -122,6 +137,28 @@ def paged_decode_attn_rows(
         mode="sum",
         per_sample_weights=p.view(-1),
     )  # (HG * B, D), 0 for an empty bag
-    out = out.view(HG, B, D).div_(denom.clamp(min=1.0)[..., None])  # a used max gives denom >= 1
-    lse = m + denom.log()  # (HG, B), -inf for an empty context
-    return out.permute(1, 0, 2).reshape(B, Hq, D), lse.t().contiguous()
+    out = out.view(HG, B, D).div_(denom.clamp(min=UNSHIFTED_MIN_DENOM)[..., None])
+    out = out.permute(1, 0, 2)  # (B, Hq, D), a view
+    if not with_lse:
+        return out, None
+    lse = denom.log() if m is None else m + denom.log()  # (HG, B), -inf for an empty context
+    return out, lse.t().contiguous()
+
+
+def _probs_unshifted(
+    s: torch.Tensor,  # (HG, N, bs) scores, -inf in hidden slots
+    seqs: torch.Tensor,  # (HG, N) the sequence of each page
+    hidden: torch.Tensor,
+    B: int,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`(exp(s), per-sequence sums (HG, B))` when that equals softmax with each sequence's max
+    subtracted up to rounding (see UNSHIFTED_MAX_SCORE); else None. One reduction over all
+    scores replaces the per-page maxima and their scatter to sequences."""
+    if float(s.max()) > UNSHIFTED_MAX_SCORE:
+        return None
+    p = s.clamp(min=EXP_FLOOR).exp_()  # (HG, N, bs); s stays for the other path
+    p.view(-1).index_fill_(0, hidden, 0.0)
+    denom = s.new_zeros(s.shape[0], B).scatter_add_(1, seqs, p.sum(dim=2))
+    if float(denom.min()) < UNSHIFTED_MIN_DENOM:  # a sequence with tiny scores (or none)
+        return None
+    return p, denom

@@ -100,7 +100,8 @@ class Attention(nn.Module):
         nd = meta.num_decode_tokens
         if nd and meta.decode_rows is not None:
             out[:nd] = paged_decode_attn_rows(
-                q[:nd], key_pages(k_cache), value_pages(v_cache), meta.decode_rows, self.scale
+                q[:nd], key_pages(k_cache), value_pages(v_cache), meta.decode_rows, self.scale,
+                with_lse=False,
             )[0]
         elif nd:
             out[:nd] = ops.paged_decode_attn(

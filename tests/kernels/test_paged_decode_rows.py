@@ -94,6 +94,54 @@ def test_scores_spread_past_exps_range(in_place):
     assert_decode_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def _spy_unshifted(monkeypatch) -> list:
+    """Record whether each call took the softmax without per-sequence maxima."""
+    from titanserve.kernels import paged_decode_rows
+
+    taken, real = [], paged_decode_rows._probs_unshifted
+
+    def spy(*args):
+        result = real(*args)
+        taken.append(result is not None)
+        return result
+
+    monkeypatch.setattr(paged_decode_rows, "_probs_unshifted", spy)
+    return taken
+
+
+@pytest.mark.parametrize("scale_q,unshifted", [(1.0, True), (40.0, False)])
+def test_softmax_path_by_score_range(monkeypatch, scale_q, unshifted):
+    """Ordinary scores skip the per-sequence maxima; a score past UNSHIFTED_MAX_SCORE takes
+    the exact path. Both give the reference attention and lse."""
+    taken = _spy_unshifted(monkeypatch)
+    args = make_decode(5, 8, 2, 16, 4, 6, [21, 9, 1, 16, 3], head_major=True,
+                       keys_transposed=True)
+    q = args[0] * scale_q
+    got = run_rows(q, *args[1:])[1]
+    assert taken == [unshifted]
+    assert_decode_close(got, decode_loop(q, *args[1:]), atol=1e-5, rtol=1e-5)
+
+
+def test_a_sequence_with_only_very_negative_scores_is_not_flattened(monkeypatch):
+    """Sequence 0's scores all lie near -200 (below exp's range) while the batch max is small:
+    flooring them at e^-87 without its own max would make its attention uniform. The
+    denominator check sends the step down the exact path."""
+    taken = _spy_unshifted(monkeypatch)
+    q, k_cache, v_cache, tables, lens = make_decode(
+        3, 4, 2, 8, 4, 3, [10, 7, 5], head_major=True, keys_transposed=True
+    )
+    pages = tables[0, :3].long()
+    direction = torch.randn(2, 8)  # (Hk, D)
+    k_cache[pages] = direction + 0.05 * torch.randn(3, 4, 2, 8)  # sequence 0's keys alike
+    q[0] = -60 * direction.repeat_interleave(2, dim=0)  # (Hq, D): scores ~ -60 |d|^2 / sqrt(8)
+    rows, got = run_rows(q, k_cache, v_cache, tables, lens)
+    assert taken == [False]
+    want = decode_loop(q, k_cache, v_cache, tables, lens)
+    assert want[1][0].max() < -60  # the premise: its lse is far below exp's range
+    assert_decode_close(got, want, atol=1e-5, rtol=1e-5)
+    assert got[0][0].std(dim=-1).min() > 0  # not zeros
+
+
 def test_an_index_past_the_budget_falls_back_to_gathering(tmp_path, monkeypatch):
     """Past MAX_INDEX_ENTRIES decode_rows declines and the model gathers pages instead (the same
     keys, page-transposed): greedy tokens and step logits do not change."""
