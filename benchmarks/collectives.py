@@ -2,10 +2,11 @@
 
     python benchmarks/collectives.py [--sizes-kib 4 64 1024 4096 16384] [--worlds 2 4]
 
-Each world size starts W processes that hold both a ZeroMQ mesh (ipc://) and a gloo process
-group, and time the two in alternation at every size: each rank sends `size` bytes to every
-peer per op (gloo into a preallocated output; the mesh returns new tensors). Prints µs per op
-(slowest rank, best of 3 rounds) and the ratio gloo/zmq.
+Each world size starts W processes that hold a ZeroMQ mesh (ipc://, with its shared-memory
+slots for messages up to 1 MiB), a second mesh without the slots, and a gloo process group, and
+time them in alternation at every size: each rank sends `size` bytes to every peer per op (gloo
+into a preallocated output; the meshes return new tensors). Prints µs per op (slowest rank,
+best of 3 rounds), the ratio gloo/zmq, and what the slots gain (no slots / slots).
 """
 
 from __future__ import annotations
@@ -49,40 +50,44 @@ def time_op(op, iters: int) -> float:
     return (time.perf_counter() - start) / iters
 
 
-def bench_size(mesh: ZmqMeshCollective, world: int, size: int) -> tuple[float, float]:
-    """(zmq, gloo) seconds per all-to-all of `size` bytes to every peer, checked equal.
+def bench_size(
+    meshes: list[ZmqMeshCollective], world: int, size: int
+) -> tuple[float, float, float]:
+    """(zmq, zmq without slots, gloo) seconds per all-to-all of `size` bytes to every peer,
+    checked equal.
 
-    The two alternate for ROUNDS rounds and each keeps its best round: on a shared machine,
+    They alternate for ROUNDS rounds and each keeps its best round: on a shared machine,
     other processes only ever add time.
     """
     send = torch.randn(world, size // 4)  # (W, n): row i goes to rank i
     recv = torch.empty_like(send)
     send_list = list(send.unbind(0))
-
-    def zmq_op() -> None:
-        mesh.all_to_all_v(send_list)
-
-    def gloo_op() -> None:
-        dist.all_to_all_single(recv, send)
-
-    zmq_iters, gloo_iters = iterations(zmq_op), iterations(gloo_op)
-    zmq_s = gloo_s = float("inf")
+    ops = [lambda mesh=mesh: mesh.all_to_all_v(send_list) for mesh in meshes]
+    ops.append(lambda: dist.all_to_all_single(recv, send))
+    iters = [iterations(op) for op in ops]
+    best = [float("inf")] * len(ops)
     for _ in range(ROUNDS):
-        zmq_s = min(zmq_s, time_op(zmq_op, zmq_iters))
-        gloo_s = min(gloo_s, time_op(gloo_op, gloo_iters))
-    check = mesh.all_to_all_v(send_list)
+        best = [min(b, time_op(op, n)) for b, op, n in zip(best, ops, iters)]
     dist.all_to_all_single(recv, send)
-    assert all(torch.equal(check[j], recv[j]) for j in range(world))
-    return zmq_s, gloo_s
+    for mesh in meshes:
+        check = mesh.all_to_all_v(send_list)
+        assert all(torch.equal(check[j], recv[j]) for j in range(world))
+    return tuple(best)
 
 
-def run_rank(rank: int, world: int, socket_dir: str, port: int, sizes: list[int], out) -> None:
+def run_rank(
+    rank: int, world: int, socket_dirs: list[str], port: int, sizes: list[int], out
+) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=timedelta(seconds=60))  # fmt: skip
-    mesh = ZmqMeshCollective(rank, world, socket_dir=socket_dir, timeout_s=60)
-    rows = [(size, *bench_size(mesh, world, size)) for size in sizes]
-    mesh.close()
+    meshes = [
+        ZmqMeshCollective(rank, world, socket_dir=socket_dirs[0], timeout_s=60),
+        ZmqMeshCollective(rank, world, socket_dir=socket_dirs[1], timeout_s=60, shm_slot_bytes=0),
+    ]
+    rows = [(size, *bench_size(meshes, world, size)) for size in sizes]
+    for mesh in meshes:
+        mesh.close()
     dist.destroy_process_group()
     out.put((rank, rows))
 
@@ -93,11 +98,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def bench_world(world: int, sizes: list[int]) -> list[tuple[int, float, float]]:
-    """Per size: (size, zmq seconds, gloo seconds), each the slowest rank's."""
+def bench_world(world: int, sizes: list[int]) -> list[tuple[int, float, float, float]]:
+    """Per size: (size, zmq, zmq without slots, gloo seconds), each the slowest rank's."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    args = (world, make_socket_dir(), free_port(), sizes, out)
+    args = (world, [make_socket_dir(), make_socket_dir()], free_port(), sizes, out)
     procs = [ctx.Process(target=run_rank, args=(rank, *args)) for rank in range(world)]
     for proc in procs:
         proc.start()
@@ -114,10 +119,9 @@ def bench_world(world: int, sizes: list[int]) -> list[tuple[int, float, float]]:
     for proc in procs:
         proc.join()
     return [
-        (size, max(per_rank[r][i][1] for r in range(world)),
-         max(per_rank[r][i][2] for r in range(world)))
+        (size, *(max(per_rank[r][i][k] for r in range(world)) for k in (1, 2, 3)))
         for i, size in enumerate(sizes)
-    ]  # fmt: skip
+    ]
 
 
 def main() -> None:
@@ -127,13 +131,14 @@ def main() -> None:
     args = parser.parse_args()
     sizes = [kib * 1024 for kib in args.sizes_kib]
     print(f"all-to-all, bytes per peer; {os.cpu_count()} CPU cores; µs per op, slowest rank")
-    print(f"{'W':>2} {'per peer':>9} {'zmq µs':>9} {'gloo µs':>9} {'gloo/zmq':>9}")
+    print(f"{'W':>2} {'per peer':>9} {'zmq µs':>9} {'no slots':>9} {'gloo µs':>9} "
+          f"{'gloo/zmq':>9} {'slots gain':>10}")  # fmt: skip
     for world in args.worlds:
-        for size, zmq_s, gloo_s in bench_world(world, sizes):
+        for size, zmq_s, plain_s, gloo_s in bench_world(world, sizes):
             label = f"{size // 1024} KiB" if size < 1 << 20 else f"{size >> 20} MiB"
-            print(f"{world:>2} {label:>9} {zmq_s * 1e6:>9.0f} {gloo_s * 1e6:>9.0f} "
-                  f"{gloo_s / zmq_s:>8.2f}x", flush=True)  # fmt: skip
-
+            print(f"{world:>2} {label:>9} {zmq_s * 1e6:>9.0f} {plain_s * 1e6:>9.0f} "
+                  f"{gloo_s * 1e6:>9.0f} {gloo_s / zmq_s:>8.2f}x {plain_s / zmq_s:>9.2f}x",
+                  flush=True)  # fmt: skip
 
 if __name__ == "__main__":
     main()

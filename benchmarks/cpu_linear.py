@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,11 @@ def _ms_per_step(run, rows: int, repeats: int = 3) -> float:
     return best * 1e3
 
 
+def _step(linear, inputs: dict[int, torch.Tensor], weights: list[torch.Tensor]) -> None:
+    for weight in weights:
+        linear(inputs[weight.shape[1]], weight)
+
+
 @torch.inference_mode()
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -53,12 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         packed = [cpu_linear.pack(w) for w in weights]
         for rows in args.rows:
             inputs = {k: torch.randn(rows, k).to(dtype) for k in (256, 768)}
-            dense_ms = _ms_per_step(
-                lambda: [F.linear(inputs[w.shape[1]], w) for w in weights], rows
-            )
-            packed_ms = _ms_per_step(
-                lambda: [cpu_linear.linear(inputs[w.shape[1]], w) for w in packed], rows
-            )
+            dense_ms = _ms_per_step(partial(_step, F.linear, inputs, weights), rows)
+            packed_ms = _ms_per_step(partial(_step, cpu_linear.linear, inputs, packed), rows)
             print(
                 f"{name:>9} rows {rows:>5}: F.linear {dense_ms:8.3f} ms  packed {packed_ms:8.3f} "
                 f"ms  x{dense_ms / packed_ms:.2f}",

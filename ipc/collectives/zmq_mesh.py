@@ -3,8 +3,11 @@
 A message starts with a head: op sequence number, source rank, op code, tensor header length,
 tensor header (dtype, shape). Small tensors ride in the head's frame (one frame, one copy);
 larger ones follow as a second frame, zero-copy over tcp://, or as a reference into the
-shared-memory lane (`shm_lane`) over ipc://. Sends to every peer are queued before any receive,
-so all transfers overlap.
+shared-memory lane (`shm_lane`) over ipc://. On one host, ops skip ZeroMQ altogether: a
+message up to a slot's size goes through shared-memory slots (`shm_slots`), a larger one into
+the lane with its reference in the slot; only when every arena is still held does the slot
+say that the message comes by ZeroMQ. Sends to every peer are queued before any receive, so all
+transfers overlap.
 NOTE: per peer, ZeroMQ delivers in order; a message for a later op (from a fast peer) is kept
 until that op runs, a message for an op already finished is a protocol bug (assert).
 """
@@ -20,7 +23,8 @@ import zmq
 
 from titanserve.ipc.collectives import Collective
 from titanserve.ipc.collectives import mesh_sockets as ms
-from titanserve.ipc.collectives.shm_lane import ShmLane, default_shm_dir
+from titanserve.ipc.collectives.shm_lane import ShmLane, arena_prefix, default_shm_dir
+from titanserve.ipc.collectives.shm_slots import ShmSlots
 from titanserve.ipc.errors import WorkerLost
 from titanserve.ipc.tensor_frames import decode_header, encode_tensor, tensor_from_buffer
 
@@ -32,7 +36,16 @@ _INLINE_MAX_BYTES = 128 << 10  # up to this, one frame (a copy) beats shared mem
 _ZMQ_COPY_BELOW_BYTES = 256 << 10  # below this a copy beats zero-copy's release bookkeeping
 _EMPTY = np.empty(0, dtype=np.uint8)
 
-Frames = list[zmq.Frame]
+Frames = list  # of zmq.Frame, or one _Blob for a message that came through a slot
+
+
+class _Blob:
+    """A message read from a shared-memory slot, seen as a one-frame message."""
+
+    more = False
+
+    def __init__(self, data: bytearray) -> None:
+        self.buffer = memoryview(data)
 
 
 def _to_device_of(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -46,9 +59,9 @@ class ZmqMeshCollective(Collective):
     sockets, or `addresses` (``host:port`` per rank) for tcp://. Each receive waits at most
     `timeout_s` before raising `WorkerLost`; the start-up handshake waits `connect_timeout_s`
     for every peer. `curve_keys` encrypts and authenticates the mesh; it is required to bind a
-    non-loopback address. Over ipc://, tensors over 128 KiB travel through shared memory
-    unless `use_shm` is False. close() removes this rank's socket file, and the directory once
-    it is empty.
+    non-loopback address. Over ipc://, messages up to `shm_slot_bytes` (0: none) go through
+    shared-memory slots and larger tensors through the shared-memory lane, unless `use_shm` is
+    False. close() removes this rank's socket file, and the directory once it is empty.
     """
 
     def __init__(
@@ -64,6 +77,7 @@ class ZmqMeshCollective(Collective):
         use_shm: bool = True,
         max_message_size_bytes: int = 1 << 34,
         io_threads: int = 1,
+        shm_slot_bytes: int = 1 << 20,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
@@ -73,6 +87,7 @@ class ZmqMeshCollective(Collective):
         self._stash: dict[tuple[int, int], Frames] = {}  # (seq, src) -> frames not yet used
         self._sockets: ms.MeshSockets | None = None
         self._shm: ShmLane | None = None
+        self._slots: ShmSlots | None = None
         self._broken = False  # after WorkerLost, close() drops unsent messages at once
         self._socket_dir = socket_dir if addresses is None else None
         self._endpoints: list[str] = []
@@ -80,9 +95,13 @@ class ZmqMeshCollective(Collective):
             return
         self._endpoints = ms.mesh_endpoints(world_size, socket_dir, addresses)
         shm_dir = default_shm_dir()
-        if addresses is None and shm_dir is not None and use_shm:
-            self._shm = ShmLane(shm_dir, self._endpoints[0], rank)
+        same_host = addresses is None and shm_dir is not None and use_shm
         try:
+            if same_host:
+                self._shm = ShmLane(shm_dir, self._endpoints[0], rank)
+            if same_host and shm_slot_bytes > 0:
+                prefix = arena_prefix(shm_dir, self._endpoints[0])
+                self._slots = ShmSlots(prefix, rank, world_size, shm_slot_bytes)
             self._sockets = ms.MeshSockets(
                 self._endpoints, rank, curve_keys=curve_keys, timeout_s=timeout_s,
                 max_message_size_bytes=max_message_size_bytes,
@@ -90,6 +109,12 @@ class ZmqMeshCollective(Collective):
             )  # fmt: skip
             self._inbox, self._outboxes = self._sockets.inbox, self._sockets.outboxes
             self._handshake(connect_timeout_s)
+            if self._slots is not None:  # every rank made its region before its hello
+                self._slots.attach()
+                slots, self._slots = self._slots, None
+                self.barrier()  # over ZeroMQ: every rank has mapped every region
+                slots.unlink()
+                self._slots = slots
         except BaseException:
             self.close()
             raise
@@ -129,13 +154,14 @@ class ZmqMeshCollective(Collective):
         finally:
             self._inbox.rcvtimeo = max(1, int(self.timeout_s * 1000))
 
-    def _recv_message(self) -> tuple[int, int, int, Frames]:
+    def _recv_message(self, flags: int = 0) -> tuple[int, int, int, Frames]:
         """The next (seq, src, op, frames) from any peer; acks are applied on the way.
 
-        Raises zmq.Again when nothing arrives within the receive timeout.
+        Raises zmq.Again when nothing arrives within the receive timeout (at once with
+        zmq.NOBLOCK in `flags`).
         """
         while True:
-            frames = [self._inbox.recv(copy=False)]
+            frames = [self._inbox.recv(flags, copy=False)]
             while frames[-1].more:
                 frames.append(self._inbox.recv(copy=False))
             head = frames[0].buffer
@@ -175,25 +201,48 @@ class ZmqMeshCollective(Collective):
         self, op: int, sends: list[tuple[int, bytes, np.ndarray]], sources: list[int]
     ) -> dict[int, Frames]:
         """Send every (dst, tensor header, data) message, then receive one from each source."""
+        if self._slots is not None:
+            self._drain_inbox()
         seq, self._seq = self._seq, self._seq + 1
+        deadline = time.monotonic() + self.timeout_s
         if self._shm is not None:
             for src, arena_id in self._shm.take_acks():
                 self._outboxes[src].send(_HEAD.pack(arena_id, self.rank, _ACK, 0))
         trackers = []
         try:
             for dst, header, data in sends:
+                head = _HEAD.pack(seq, self.rank, op, len(header))
+                if self._slots is not None and self._put_in_slot(dst, seq, op, head, header, data,
+                                                                 deadline):  # fmt: skip
+                    continue
                 if data.nbytes <= _INLINE_MAX_BYTES:  # one frame: head, header, bytes
-                    self._outboxes[dst].send(
-                        b"".join((_HEAD.pack(seq, self.rank, op, len(header)), header, data))
-                    )
+                    self._outboxes[dst].send(b"".join((head, header, data)))
                     continue
                 tracker = self._send_large(seq, op, dst, header, data)
                 if tracker is not None and not tracker.done:
                     trackers.append((dst, tracker))
-        except zmq.Again:  # a queue to dst stayed full for timeout_s
+        except (zmq.Again, TimeoutError):  # dst kept its slot, or its queue stayed full
             raise self._lost(seq, op, {dst}, "could not queue") from None
-        received = {}
-        for src in sources:
+        received: dict[int, Frames] = {}
+        by_zmq = sources
+        if self._slots is not None:
+            by_zmq = []
+            for src in sources:
+                try:
+                    data = self._slots.get(src, seq, deadline)
+                except TimeoutError:
+                    raise self._lost(seq, op, {src}, "nothing") from None
+                if data is None:
+                    by_zmq.append(src)
+                    continue
+                _, _, msg_op, header_len = _HEAD.unpack_from(data)
+                self._check_op(seq, op, src, msg_op)
+                if msg_op & _IN_SHM:  # head + header, then the arena reference
+                    end = _HEAD.size + header_len
+                    received[src] = [_Blob(data[:end]), _Blob(data[end:])]
+                else:
+                    received[src] = [_Blob(data)]
+        for src in by_zmq:
             frames = self._stash.pop((seq, src), None)
             if frames is not None:
                 self._check_op(seq, op, src, _HEAD.unpack_from(frames[0].buffer)[2])
@@ -206,7 +255,7 @@ class ZmqMeshCollective(Collective):
             if msg_seq != seq:
                 self._keep(msg_seq, src, frames)
                 continue
-            assert src in sources and src not in received, f"rank {src} sent op #{seq} wrongly"
+            assert src in by_zmq and src not in received, f"rank {src} sent op #{seq} wrongly"
             self._check_op(seq, op, src, msg_op)
             received[src] = frames
         # NOTE: zero-copy sends read the caller's tensors; once the call returns they are free.
@@ -216,6 +265,30 @@ class ZmqMeshCollective(Collective):
             except zmq.NotDone:
                 raise self._lost(seq, op, {dst}, "could not deliver") from None
         return received
+
+    def _put_in_slot(self, dst, seq, op, head, header, data, deadline) -> bool:
+        """Put op `seq`'s message to dst in its slot: the message itself, or a reference to a
+        copy in the shared-memory lane. False (with a note in the slot) when neither goes:
+        then it must be sent through ZeroMQ."""
+        if self._slots.put(dst, seq, (head, header, data), deadline):
+            return True
+        ref = self._shm.write(dst, torch.from_numpy(data.reshape(-1).view(np.uint8)))
+        if ref is not None:  # else every arena for dst is still held
+            shm_head = _HEAD.pack(seq, self.rank, op | _IN_SHM, len(header))
+            if self._slots.put(dst, seq, (shm_head, header, ref), deadline):
+                return True
+        self._slots.put(dst, seq, None, deadline)
+        return False
+
+    def _drain_inbox(self) -> None:
+        """Apply the arena acks (and keep early messages) waiting in the inbox: with slots
+        carrying most ops, it is otherwise read only when a message overflows a slot."""
+        while True:
+            try:
+                msg_seq, src, _, frames = self._recv_message(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._keep(msg_seq, src, frames)
 
     def _lost(self, seq: int, op: int, ranks: set[int], what: str) -> WorkerLost:
         self._broken = True
@@ -291,6 +364,9 @@ class ZmqMeshCollective(Collective):
         if self._shm is not None:
             self._shm.close(wait_s=0 if self._broken else min(self.timeout_s, 2.0))
             self._shm = None
+        if self._slots is not None:
+            self._slots.close()
+            self._slots = None
         if self._endpoints:
             ms.remove_socket_file(self._endpoints[self.rank])
         if self._socket_dir is not None:

@@ -40,6 +40,8 @@ def free_tcp_port() -> int:
 def backend_options(backend: str) -> dict[str, Any]:
     if backend == "zmq":
         return {"socket_dir": make_socket_dir(), "timeout_s": TIMEOUT_S}
+    if backend == "zmq-small-slots":  # 256 KiB messages overflow: the lane's arenas, then frames
+        return {"socket_dir": make_socket_dir(), "timeout_s": TIMEOUT_S, "shm_slot_bytes": 4096}
     return {"init_method": f"tcp://127.0.0.1:{free_tcp_port()}", "timeout_s": TIMEOUT_S}
 
 
@@ -194,14 +196,17 @@ def exercise_first_dies(rank: int, coll: Collective) -> dict[str, Any]:
     "backend, world, fn, die_rank",
     [
         ("zmq", 2, exercise_clean, None),
+        ("zmq-small-slots", 2, exercise_clean, None),
         ("zmq", 4, exercise_last_dies, 3),
         ("torch", 2, exercise_first_dies, 0),
         ("torch", 4, exercise_last_dies, 3),
     ],
-    ids=["zmq-W2", "zmq-W4-rank3-dies", "torch-W2-rank0-dies", "torch-W4-rank3-dies"],
+    ids=["zmq-W2", "zmq-W2-small-slots", "zmq-W4-rank3-dies", "torch-W2-rank0-dies",
+         "torch-W4-rank3-dies"],
 )
 def test_collectives_on_real_processes(backend: str, world: int, fn, die_rank: int | None) -> None:
     options = backend_options(backend)
+    backend = backend.split("-")[0]
     results = spawn_collective_group(world, backend, fn, **options)
     check_results(results, world, die_rank)
     if backend == "zmq":

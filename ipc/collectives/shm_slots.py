@@ -1,0 +1,174 @@
+"""Shared-memory slots: the fast path for small collective messages between ranks on one host.
+
+A message over ipc:// wakes the sender's ZeroMQ I/O thread, the receiver's I/O thread and then
+the receiver itself: ~100 µs per all-to-all on the development machine, where an MoE decode
+step runs eight. Here the sender copies the message into a slot in shared memory and then
+publishes its tag; the receiver polls the tag (yielding the CPU between polls, then sleeping
+once the wait passes `SPIN_S`) and copies the message out. `benchmarks/collectives.py`, two
+ranks on the development machine: a 4-64 KiB all-to-all takes 25-60 µs this way, 120-180 µs
+through ZeroMQ.
+
+Every rank owns one region (a tmpfs file all ranks map, unlinked once they have): per
+destination an ack word and two slots, so a sender can run one op ahead of a receiver. A slot
+is `[tag u64 | size u64 | pad | payload]`; tag = op sequence number + 1, written last. The
+destination writes its ack word (the last op it consumed + 1) into the sender's region. A
+message that travels through ZeroMQ instead leaves an OVERFLOW size in its slot.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+import time
+
+import numpy as np
+
+SLOT_BYTES = 1 << 20  # payload capacity of one slot
+SPIN_S = 0.002  # poll with sched_yield this long, then sleep between polls
+POLL_SLEEP_S = 1e-4
+OVERFLOW = (1 << 64) - 1  # size of a message that did not fit: it comes through ZeroMQ
+_HEADER_BYTES = 64  # tag, size, padding to a cache line
+_SLOTS = 2
+
+_fence_lock = threading.Lock()
+
+
+def _fence() -> None:
+    """A full memory barrier (a lock's acquire and release): the payload is visible before its
+    tag on every architecture, not only under x86's store order."""
+    with _fence_lock:
+        pass
+
+
+def region_path(prefix: str, rank: int) -> str:
+    return f"{prefix}-slots{rank}"
+
+
+class ShmSlots:
+    """This rank's slot region (it writes) and its peers' (it reads). Create every rank's
+    `ShmSlots` before any calls `attach`; call `unlink` once every rank has attached."""
+
+    def __init__(
+        self, prefix: str, rank: int, world_size: int, slot_bytes: int = SLOT_BYTES
+    ) -> None:
+        self.rank, self.world_size, self.slot_bytes = rank, world_size, slot_bytes
+        self._prefix = prefix
+        self._stride = _HEADER_BYTES + slot_bytes  # one slot
+        self._per_dst = _HEADER_BYTES + _SLOTS * self._stride  # ack line + slots
+        size = world_size * self._per_dst
+        path = region_path(prefix, rank)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            self._mine = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        self._path: str | None = path
+        self._regions: dict[int, mmap.mmap] = {rank: self._mine}
+        # (seq of the message in each slot to dst, -1: never used), kept by the sender
+        self._written = {dst: [-1] * _SLOTS for dst in range(world_size)}
+
+    def attach(self) -> None:
+        """Map every peer's region (they must all exist by now)."""
+        for src in range(self.world_size):
+            if src not in self._regions:
+                fd = os.open(region_path(self._prefix, src), os.O_RDWR)
+                try:
+                    self._regions[src] = mmap.mmap(fd, os.fstat(fd).st_size)
+                finally:
+                    os.close(fd)
+
+    def unlink(self) -> None:
+        """Remove this rank's file (the mappings stay); safe to call twice."""
+        if self._path is not None:
+            try:
+                os.unlink(self._path)
+            except FileNotFoundError:
+                pass
+            self._path = None
+
+    # ------------------------------------------------------------------ layout
+    def _words(self, owner: int, offset: int, count: int = 1) -> np.ndarray:
+        return np.ndarray((count,), np.uint64, buffer=self._regions[owner], offset=offset)
+
+    def _ack_word(self, sender: int, dst: int) -> np.ndarray:
+        return self._words(sender, dst * self._per_dst)
+
+    def _slot_offset(self, dst: int, seq: int) -> int:
+        return dst * self._per_dst + _HEADER_BYTES + (seq % _SLOTS) * self._stride
+
+    # ------------------------------------------------------------------ ops
+    def put(self, dst: int, seq: int, parts: tuple | None, deadline: float) -> bool:
+        """Write op `seq`'s message to dst: the concatenation of `parts` (bytes-like), or with
+        `parts` None a note that it comes through ZeroMQ. Returns False, writing nothing, when
+        the message is larger than a slot. Raises TimeoutError when dst has not freed the slot
+        by `deadline`."""
+        views = [] if parts is None else [_flat_bytes(part) for part in parts]
+        size = sum(len(view) for view in views)
+        if size > self.slot_bytes:
+            return False
+        k = seq % _SLOTS
+        previous = self._written[dst][k]
+        if previous >= 0:  # dst must have consumed the message this slot holds
+            _wait_at_least(self._ack_word(self.rank, dst), previous + 1, deadline)
+        offset = self._slot_offset(dst, seq)
+        start = offset + _HEADER_BYTES
+        for view in views:
+            self._mine[start : start + len(view)] = view
+            start += len(view)
+        header = self._words(self.rank, offset, 2)  # tag, size
+        header[1] = OVERFLOW if parts is None else size
+        _fence()
+        header[0] = seq + 1
+        self._written[dst][k] = seq
+        return True
+
+    def get(self, src: int, seq: int, deadline: float) -> bytearray | None:
+        """Op `seq`'s message from src (a copy: the slot is reused), or None when it travels
+        through ZeroMQ. Raises TimeoutError when it has not come by `deadline`."""
+        offset = self._slot_offset(self.rank, seq)
+        header = self._words(src, offset, 2)
+        _wait_at_least(header[0:1], seq + 1, deadline)
+        _fence()
+        size = int(header[1])
+        if size == OVERFLOW:
+            data = None
+        elif size > self.slot_bytes:
+            raise ValueError(f"rank {src} wrote a {size} byte message into a slot")
+        else:
+            start = offset + _HEADER_BYTES
+            data = bytearray(memoryview(self._regions[src])[start : start + size])
+        self._ack_word(src, self.rank)[0] = seq + 1
+        return data
+
+    def close(self) -> None:
+        self.unlink()
+        for region in self._regions.values():
+            try:
+                region.close()
+            except BufferError:  # a numpy view is still alive somewhere: the GC unmaps it
+                pass
+        self._regions.clear()
+
+
+def _flat_bytes(part) -> memoryview:
+    """A flat byte view of bytes or of a contiguous numpy array (of any shape, empty too)."""
+    if isinstance(part, np.ndarray):
+        return memoryview(part.reshape(-1).view(np.uint8))
+    return memoryview(part).cast("B")
+
+
+def _wait_at_least(word: np.ndarray, value: int, deadline: float) -> None:
+    """Poll `word[0]` until it is >= value: yielding the CPU at first, then sleeping."""
+    if word[0] >= value:
+        return
+    spin_until = time.monotonic() + SPIN_S
+    while word[0] < value:
+        now = time.monotonic()
+        if now < spin_until:
+            os.sched_yield()
+        elif now < deadline:
+            time.sleep(POLL_SLEEP_S)
+        else:
+            raise TimeoutError

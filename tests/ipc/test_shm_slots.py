@@ -1,0 +1,108 @@
+"""Shared-memory slots: round trips, the overflow note, slot reuse waiting on the reader's ack,
+deadlines, and no file left behind. Two ranks' ShmSlots in one process map the same files,
+as two processes would."""
+
+from __future__ import annotations
+
+import glob
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from titanserve.ipc.collectives import shm_slots
+from titanserve.ipc.collectives.shm_slots import ShmSlots
+
+
+def make_pair(tmp_path: Path, slot_bytes: int = 256) -> tuple[ShmSlots, ShmSlots, str]:
+    prefix = str(tmp_path / "mesh")
+    a, b = ShmSlots(prefix, 0, 2, slot_bytes), ShmSlots(prefix, 1, 2, slot_bytes)
+    a.attach()
+    b.attach()
+    return a, b, prefix
+
+
+def soon(seconds: float = 1.0) -> float:
+    return time.monotonic() + seconds
+
+
+def test_messages_round_trip_in_order_and_files_go(tmp_path: Path) -> None:
+    a, b, prefix = make_pair(tmp_path)
+    assert len(glob.glob(prefix + "*")) == 2
+    a.unlink()
+    b.unlink()
+    assert glob.glob(prefix + "*") == []  # the mappings outlive the names
+    for seq in range(5):  # both slots, each reused
+        payload = np.arange(seq * 3, dtype=np.int32)  # seq 0: an empty array
+        assert a.put(1, seq, (b"head", payload), soon())
+        got = b.get(0, seq, soon())
+        assert isinstance(got, bytearray)
+        assert bytes(got) == b"head" + payload.tobytes()
+        assert b.put(0, seq, (bytes([seq]),), soon())
+        assert a.get(1, seq, soon()) == bytearray([seq])
+    a.close()
+    b.close()
+
+
+def test_a_copy_out_survives_the_slots_reuse(tmp_path: Path) -> None:
+    a, b, _ = make_pair(tmp_path)
+    a.put(1, 0, (b"first",), soon())
+    first = b.get(0, 0, soon())
+    a.put(1, 1, (b"second",), soon())
+    b.get(0, 1, soon())
+    a.put(1, 2, (b"third!",), soon())  # slot 0 again
+    assert bytes(first) == b"first"
+    assert bytes(b.get(0, 2, soon())) == b"third!"
+
+
+def test_too_big_writes_nothing_and_the_note_says_zeromq(tmp_path: Path) -> None:
+    a, b, _ = make_pair(tmp_path, slot_bytes=16)
+    assert not a.put(1, 0, (b"x" * 17,), soon())
+    with pytest.raises(TimeoutError):  # nothing was published for op 0
+        b.get(0, 0, time.monotonic())
+    assert a.put(1, 0, None, soon())  # the note: comes by ZeroMQ
+    assert b.get(0, 0, soon()) is None
+    assert a.put(1, 1, (b"y" * 16,), soon())  # exactly a slot's worth fits
+    assert bytes(b.get(0, 1, soon())) == b"y" * 16
+
+
+def test_a_sender_two_ops_ahead_waits_for_the_readers_ack(tmp_path: Path) -> None:
+    a, b, _ = make_pair(tmp_path)
+    a.put(1, 0, (b"op0",), soon())
+    a.put(1, 1, (b"op1",), soon())
+    with pytest.raises(TimeoutError):  # slot 0 still holds op 0, unread
+        a.put(1, 2, (b"op2",), soon(0.05))
+    reader = threading.Timer(0.1, lambda: b.get(0, 0, soon()))
+    reader.start()
+    start = time.monotonic()
+    assert a.put(1, 2, (b"op2",), soon())  # returns once op 0 is consumed
+    assert time.monotonic() - start >= 0.05
+    reader.join()
+    assert bytes(b.get(0, 1, soon())) == b"op1"
+    assert bytes(b.get(0, 2, soon())) == b"op2"
+
+
+def test_a_reader_past_its_deadline_raises_and_a_late_message_still_comes(
+    tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setattr(shm_slots, "SPIN_S", 0.001)  # then sleep-polling: still delivered
+    a, b, _ = make_pair(tmp_path)
+    start = time.monotonic()
+    with pytest.raises(TimeoutError):
+        b.get(0, 0, soon(0.1))
+    assert 0.09 < time.monotonic() - start < 1.0
+    writer = threading.Timer(0.05, lambda: a.put(1, 0, (b"late",), soon()))
+    writer.start()
+    assert bytes(b.get(0, 0, soon())) == b"late"
+    writer.join()
+
+
+def test_a_region_name_taken_is_refused(tmp_path: Path) -> None:
+    prefix = str(tmp_path / "mesh")
+    first = ShmSlots(prefix, 0, 2)
+    with pytest.raises(FileExistsError):
+        ShmSlots(prefix, 0, 2)
+    first.close()
+    assert glob.glob(prefix + "*") == []
