@@ -117,20 +117,13 @@ class Scheduler:
             num_new = min(known - computed, budgets[w])
             if num_new <= 0:
                 continue
-            block_manager = self.block_managers[w]
             target = computed + num_new
-            while not block_manager.can_append(request, target):
-                victim = next((r for r in reversed(pending) if r.worker == w), request)
-                if victim is not request:
-                    pending.remove(victim)
-                self._preempt(victim)
-                preempted.append(victim)
-                if victim is request:
-                    break
-            else:
-                block_manager.append(request, target)
-                budgets[w] -= num_new
-                scheduled.append(ScheduledSeq(request, num_new, target == known, w, computed))
+            # Most decode steps fit in the blocks a request holds: no block manager call.
+            needs_blocks = target > len(request.block_ids) * self.block_managers[w].block_size
+            if needs_blocks and not self._grow(request, target, pending, preempted):
+                continue  # preempted itself
+            budgets[w] -= num_new
+            scheduled.append(ScheduledSeq(request, num_new, target == known, w, computed))
 
         num_running = [0] * cfg.num_workers
         decodes_left = [0] * cfg.num_workers  # per worker: outputs its requests may still make
@@ -161,6 +154,24 @@ class Scheduler:
 
         self.step_id += 1
         return SchedulerOutput(self.step_id, self._plans(scheduled), scheduled, preempted)
+
+    def _grow(
+        self, request: Request, target: int, pending: deque[Request], preempted: list[Request]
+    ) -> bool:
+        """Give `request` blocks for `target` tokens, preempting its worker's newest requests
+        (itself last) until they fit. False when it was preempted itself."""
+        w = request.worker
+        block_manager = self.block_managers[w]
+        while not block_manager.can_append(request, target):
+            victim = next((r for r in reversed(pending) if r.worker == w), request)
+            if victim is not request:
+                pending.remove(victim)
+            self._preempt(victim)
+            preempted.append(victim)
+            if victim is request:
+                return False
+        block_manager.append(request, target)
+        return True
 
     def _place(
         self, request: Request, budgets: list[int], num_running: list[int], decodes_left: list[int]
