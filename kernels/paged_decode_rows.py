@@ -113,8 +113,9 @@ def paged_decode_attn_rows(
     HG, N = Hq, rows.seq_of_page.shape[0]
     if N == 0:
         return torch.zeros_like(q), torch.full((B, Hq), float("-inf")) if with_lse else None
-    queries = (q * scale).view(B, Hk, Hq // Hk, D).permute(1, 2, 0, 3)  # (Hk, G, B, D)
-    weights = queries.index_select(2, rows.seq_of_page).reshape(-1, D)  # (Hk*G*N, D)
+    # contiguous before the gather: index_select on the permuted view took twice as long
+    queries = (q * scale).transpose(0, 1).contiguous()  # (Hq, B, D), Hq = (Hk, G)
+    weights = queries.index_select(1, rows.seq_of_page).view(-1, D)  # (Hk*G*N, D)
     s = F.embedding_bag(
         rows.key_rows, key_pages.view(-1, bs), mode="sum", per_sample_weights=weights
     ).view(HG, N, bs)  # scaled scores of every page's slots

@@ -138,7 +138,8 @@ def test_a_sequence_with_only_very_negative_scores_is_not_flattened(monkeypatch)
     assert taken == [False]
     want = decode_loop(q, k_cache, v_cache, tables, lens)
     assert want[1][0].max() < -60  # the premise: its lse is far below exp's range
-    assert_decode_close(got, want, atol=1e-5, rtol=1e-5)
+    # scores near -127 carry fp32 rounding of ~1e-5 each; flattened, the output is 0.6 off
+    assert_decode_close(got, want, atol=1e-4, rtol=1e-4)
     assert got[0][0].std(dim=-1).min() > 0  # not zeros
 
 
