@@ -38,11 +38,17 @@ def arena_prefix(shm_dir: str, mesh_id: str) -> str:
 
 
 def _map(path: str, size: int, create: bool) -> mmap.mmap:
+    """Map an arena file; `create` makes it, its pages reserved up front: a full tmpfs then
+    raises OSError here (and leaves no file) instead of a SIGBUS on a later write."""
     fd = os.open(path, os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0), 0o600)
     try:
         if create:
-            os.ftruncate(fd, size)
+            os.posix_fallocate(fd, 0, size)
         return mmap.mmap(fd, size if create else os.fstat(fd).st_size)
+    except OSError:
+        if create:
+            os.unlink(path)
+        raise
     finally:
         os.close(fd)
 
@@ -82,7 +88,8 @@ class ShmLane:
 
     def write(self, dst: int, data: torch.Tensor) -> bytes | None:
         """Copy `data` (flat uint8) into a free arena for dst and return the reference to send;
-        None when every arena for dst is still held (send the bytes another way)."""
+        None when every arena for dst is still held, or the tmpfs has no room for a new one
+        (send the bytes another way)."""
         size = data.numel()
         arenas = self._out.setdefault(dst, [])
         free = [arena for arena in arenas if not arena.busy]
@@ -96,7 +103,10 @@ class ShmLane:
                 old.close()
                 self._retired[dst] = old.id
             capacity = max(_MIN_ARENA_BYTES, 1 << (size - 1).bit_length())
-            arena = _Arena(self._next_id, self._path(self.rank, dst, self._next_id), capacity)
+            try:
+                arena = _Arena(self._next_id, self._path(self.rank, dst, self._next_id), capacity)
+            except OSError:  # the tmpfs is full: this tensor goes another way
+                return None
             self._next_id += 1
             arenas.append(arena)
         else:

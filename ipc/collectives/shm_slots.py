@@ -47,7 +47,8 @@ def region_path(prefix: str, rank: int) -> str:
 
 class ShmSlots:
     """This rank's slot region (it writes) and its peers' (it reads). Create every rank's
-    `ShmSlots` before any calls `attach`; call `unlink` once every rank has attached."""
+    `ShmSlots` before any calls `attach`; call `unlink` once every rank has attached. Raises
+    OSError when the region does not fit in the tmpfs (then no file is left)."""
 
     def __init__(
         self, prefix: str, rank: int, world_size: int, slot_bytes: int = SLOT_BYTES
@@ -60,8 +61,13 @@ class ShmSlots:
         path = region_path(prefix, rank)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.ftruncate(fd, size)
+            # Reserve the pages now: a full tmpfs fails here (OSError), not with a SIGBUS on
+            # some later write into the mapping.
+            os.posix_fallocate(fd, 0, size)
             self._mine = mmap.mmap(fd, size)
+        except OSError:
+            os.unlink(path)
+            raise
         finally:
             os.close(fd)
         self._path: str | None = path

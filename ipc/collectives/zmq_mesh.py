@@ -35,6 +35,7 @@ _IN_SHM = 0x80  # op code flag: the data frame is a reference into the sender's 
 _INLINE_MAX_BYTES = 128 << 10  # up to this, one frame (a copy) beats shared memory + ack
 _ZMQ_COPY_BELOW_BYTES = 256 << 10  # below this a copy beats zero-copy's release bookkeeping
 _EMPTY = np.empty(0, dtype=np.uint8)
+_HELLO_BODY = struct.Struct("<IB")  # world size, whether the sender made its slot region
 
 Frames = list  # of zmq.Frame, or one _Blob for a message that came through a slot
 
@@ -101,20 +102,26 @@ class ZmqMeshCollective(Collective):
                 self._shm = ShmLane(shm_dir, self._endpoints[0], rank)
             if same_host and shm_slot_bytes > 0:
                 prefix = arena_prefix(shm_dir, self._endpoints[0])
-                self._slots = ShmSlots(prefix, rank, world_size, shm_slot_bytes)
+                try:
+                    self._slots = ShmSlots(prefix, rank, world_size, shm_slot_bytes)
+                except OSError:  # no room in the tmpfs: every rank does without (hello)
+                    self._slots = None
             self._sockets = ms.MeshSockets(
                 self._endpoints, rank, curve_keys=curve_keys, timeout_s=timeout_s,
                 max_message_size_bytes=max_message_size_bytes,
                 copy_threshold=_ZMQ_COPY_BELOW_BYTES, io_threads=io_threads,
             )  # fmt: skip
             self._inbox, self._outboxes = self._sockets.inbox, self._sockets.outboxes
-            self._handshake(connect_timeout_s)
-            if self._slots is not None:  # every rank made its region before its hello
-                self._slots.attach()
+            every_rank_has_slots = self._handshake(connect_timeout_s)
+            if self._slots is not None:
                 slots, self._slots = self._slots, None
-                self.barrier()  # over ZeroMQ: every rank has mapped every region
-                slots.unlink()
-                self._slots = slots
+                if every_rank_has_slots:  # each made its region before its hello
+                    slots.attach()
+                    self.barrier()  # over ZeroMQ: every rank has mapped every region
+                    slots.unlink()
+                    self._slots = slots
+                else:
+                    slots.close()
         except BaseException:
             self.close()
             raise
@@ -123,10 +130,13 @@ class ZmqMeshCollective(Collective):
         """Other ranks, starting after this one so that ranks do not all hit rank 0 first."""
         return [(self.rank + i) % self.world_size for i in range(1, self.world_size)]
 
-    def _handshake(self, connect_timeout_s: float) -> None:
-        """Exchange hellos with every peer so that a missing peer fails here, not in op 1."""
+    def _handshake(self, connect_timeout_s: float) -> bool:
+        """Exchange hellos with every peer so that a missing peer fails here, not in op 1.
+        Returns whether every rank, this one included, made its slot region."""
         seq, self._seq = self._seq, self._seq + 1
-        hello = _HEAD.pack(seq, self.rank, _HELLO, 0) + struct.pack("<I", self.world_size)
+        every_rank_has_slots = self._slots is not None
+        body = _HELLO_BODY.pack(self.world_size, every_rank_has_slots)
+        hello = _HEAD.pack(seq, self.rank, _HELLO, 0) + body
         for outbox in self._outboxes.values():
             outbox.send(hello)
         deadline = time.monotonic() + connect_timeout_s
@@ -148,11 +158,14 @@ class ZmqMeshCollective(Collective):
                 if msg_seq != seq:  # a fast peer's first op
                     self._keep(msg_seq, src, frames)
                     continue
-                if struct.unpack_from("<I", frames[0].buffer, _HEAD.size)[0] != self.world_size:
+                world_size, has_slots = _HELLO_BODY.unpack_from(frames[0].buffer, _HEAD.size)
+                if world_size != self.world_size:
                     raise ValueError(f"rank {src} runs with another world_size")
+                every_rank_has_slots = every_rank_has_slots and bool(has_slots)
                 waiting.discard(src)
         finally:
             self._inbox.rcvtimeo = max(1, int(self.timeout_s * 1000))
+        return every_rank_has_slots
 
     def _recv_message(self, flags: int = 0) -> tuple[int, int, int, Frames]:
         """The next (seq, src, op, frames) from any peer; acks are applied on the way.

@@ -71,3 +71,18 @@ def test_close_removes_arenas_no_receiver_mapped(tmp_path: Path) -> None:
     assert len(glob.glob(prefix + "*")) == 1
     sender.close(wait_s=0.05)
     assert glob.glob(prefix + "*") == []
+
+
+def test_a_full_tmpfs_makes_write_decline_without_a_file(tmp_path: Path, monkeypatch) -> None:
+    from titanserve.ipc.collectives import shm_lane
+
+    def no_room(fd, offset, length):
+        raise OSError(28, "No space left on device")
+
+    sender, _, prefix = make_pair(tmp_path)
+    monkeypatch.setattr(shm_lane.os, "posix_fallocate", no_room)
+    assert sender.write(1, payload(100, 0)) is None  # the caller sends the bytes instead
+    assert glob.glob(prefix + "*") == []
+    monkeypatch.undo()
+    assert sender.write(1, payload(100, 0)) is not None  # room again: arenas as usual
+    sender.close(wait_s=0)

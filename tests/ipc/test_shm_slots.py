@@ -106,3 +106,14 @@ def test_a_region_name_taken_is_refused(tmp_path: Path) -> None:
         ShmSlots(prefix, 0, 2)
     first.close()
     assert glob.glob(prefix + "*") == []
+
+
+def test_a_full_tmpfs_fails_at_creation_and_leaves_no_file(tmp_path: Path, monkeypatch) -> None:
+    def no_room(fd, offset, length):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shm_slots.os, "posix_fallocate", no_room)
+    prefix = str(tmp_path / "mesh")
+    with pytest.raises(OSError, match="No space"):
+        ShmSlots(prefix, 0, 2)
+    assert glob.glob(prefix + "*") == []

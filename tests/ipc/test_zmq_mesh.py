@@ -143,3 +143,41 @@ def _free_ports(count: int) -> list[int]:
     finally:
         for sock in sockets:
             sock.close()
+
+
+def _slots_and_a2a(rank: int, coll: ZmqMeshCollective) -> tuple[bool, list]:
+    got = coll.all_to_all_v([torch.tensor([rank * 10 + dst]) for dst in range(2)])
+    return coll._slots is not None, [t.tolist() for t in got]
+
+
+def test_shared_memory_slots_are_used_only_when_every_rank_has_them(monkeypatch) -> None:
+    """Rank 1 without slots (its option, or no room in the tmpfs): the hello tells rank 0,
+    and both do without; with slots on both, both use them."""
+    from titanserve.ipc.collectives import zmq_mesh
+
+    expected = [[[0], [10]], [[1], [11]]]
+    socket_dir = make_socket_dir()
+    results = run_ranks(2, lambda r: ZmqMeshCollective(
+        r, 2, socket_dir=socket_dir, timeout_s=5, shm_slot_bytes=0 if r else 1 << 20),
+        _slots_and_a2a)  # fmt: skip
+    assert results == [(False, expected[0]), (False, expected[1])]
+
+    real = zmq_mesh.ShmSlots
+
+    def no_room_for_rank_1(prefix, rank, *args):
+        if rank == 1:
+            raise OSError(28, "No space left on device")
+        return real(prefix, rank, *args)
+
+    monkeypatch.setattr(zmq_mesh, "ShmSlots", no_room_for_rank_1)
+    socket_dir = make_socket_dir()
+    results = run_ranks(2, lambda r: ZmqMeshCollective(r, 2, socket_dir=socket_dir, timeout_s=5),
+                        _slots_and_a2a)  # fmt: skip
+    assert results == [(False, expected[0]), (False, expected[1])]
+
+    monkeypatch.undo()
+    socket_dir = make_socket_dir()
+    results = run_ranks(2, lambda r: ZmqMeshCollective(r, 2, socket_dir=socket_dir, timeout_s=5),
+                        _slots_and_a2a)  # fmt: skip
+    assert results == [(True, expected[0]), (True, expected[1])]
+    assert not os.path.exists(socket_dir)
