@@ -14,6 +14,8 @@ A packed weight is an opaque oneDNN tensor with the dense weight's shape and dty
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,14 +27,32 @@ PACK_ROWS_HINT = 1024
 
 def can_pack(weight: torch.Tensor) -> bool:
     """Whether `pack` takes this weight: a dense 2-D fp32 (or bf16, where the CPU has it)
-    weight in host memory, with oneDNN built in."""
+    weight in host memory, with a oneDNN build whose packed linear works here."""
     if weight.device.type != "cpu" or weight.layout != torch.strided or weight.dim() != 2:
         return False
+    if weight.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    return _packed_linear_works(weight.dtype)
+
+
+@functools.cache
+def _packed_linear_works(dtype: torch.dtype) -> bool:
+    """Probe once per dtype: oneDNN is built in, supports the dtype on this CPU, and a packed
+    linear gives F.linear's result (else every weight stays dense: F.linear)."""
     if not torch.backends.mkldnn.is_available():
         return False
-    if weight.dtype == torch.bfloat16:
-        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return weight.dtype == torch.float32
+    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return False
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(16, 8, generator=g).to(dtype)
+    x = torch.randn(3, 8, generator=g).to(dtype)
+    try:
+        with torch.inference_mode():
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS_HINT)
+            out = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+    except RuntimeError:
+        return False
+    return torch.allclose(out.float(), F.linear(x, weight).float(), rtol=1e-2, atol=1e-2)
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:

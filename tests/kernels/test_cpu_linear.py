@@ -91,3 +91,22 @@ def test_pack_linear_weights_packs_every_listed_weight_and_keeps_outputs():
     assert isinstance(mlp.gate_up_proj, torch.nn.Parameter)
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
     assert cpu_linear.pack_linear_weights(mlp) == 0  # nothing left to pack
+
+
+def test_a_build_whose_packed_linear_fails_keeps_weights_dense(monkeypatch):
+    """An exotic oneDNN build where packing raises (or computes wrong): nothing is packed,
+    and the model's layers run through F.linear."""
+    def broken(weight, rows_hint):
+        raise RuntimeError("mkldnn: unsupported")
+
+    cpu_linear._packed_linear_works.cache_clear()
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", broken)
+    try:
+        mlp = GatedMLP(hidden_size=8, intermediate_size=12)
+        assert not cpu_linear.can_pack(mlp.down_proj)
+        assert cpu_linear.pack_linear_weights(mlp) == 0
+        assert not mlp.down_proj.is_mkldnn
+    finally:
+        monkeypatch.undo()
+        cpu_linear._packed_linear_works.cache_clear()
+    assert cpu_linear.can_pack(torch.randn(4, 4))
