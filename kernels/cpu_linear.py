@@ -5,8 +5,8 @@ call; on a step of a few dozen rows that packing is a large share of the GEMM, a
 of a whole model do not stay in cache between steps. oneDNN keeps a weight in its blocked
 layout for good (`mkldnn._reorder_linear_weight`), and its JIT kernels use AVX-512 on any x86
 vendor. On the development machine (AMD EPYC, 2 threads) `benchmarks/cpu_linear.py` runs a
-tiny Llama's 17 step GEMMs 1.47x faster packed at 64 rows in fp32 (2.0x at 8, 1.17x at 8192)
-and 1.02-1.8x in bf16.
+tiny Llama's 17 step GEMMs 1.4-1.5x faster packed at 64 rows in fp32 (1.3-2.0x at 8 rows,
+1.1-1.2x at 8192; 0.84x at 1 row) and 1.0-1.8x faster in bf16.
 
 A packed weight is an opaque oneDNN tensor with the dense weight's shape and dtype: only
 `linear` below can use it, so the dense copy is dropped and memory does not grow.
