@@ -37,9 +37,10 @@ def arena_prefix(shm_dir: str, mesh_id: str) -> str:
     return os.path.join(shm_dir, f"titanserve-{hashlib.sha1(mesh_id.encode()).hexdigest()[:16]}")
 
 
-def _map(path: str, size: int, create: bool) -> mmap.mmap:
-    """Map an arena file; `create` makes it, its pages reserved up front: a full tmpfs then
-    raises OSError here (and leaves no file) instead of a SIGBUS on a later write."""
+def map_shared_file(path: str, size: int, create: bool) -> mmap.mmap:
+    """Map a tmpfs file shared between ranks (an arena, a slot region): all of it, or with
+    `create` a new one of `size` bytes, its pages reserved up front: a full tmpfs then raises
+    OSError here (and leaves no file) instead of a SIGBUS on a later write."""
     fd = os.open(path, os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0), 0o600)
     try:
         if create:
@@ -58,7 +59,7 @@ class _Arena:
 
     def __init__(self, arena_id: int, path: str, size: int) -> None:
         self.id, self.path, self.size = arena_id, path, size
-        self.mmap = _map(path, size, create=True)
+        self.mmap = map_shared_file(path, size, create=True)
         self.bytes = torch.frombuffer(self.mmap, dtype=torch.uint8)  # (size,)
         self.busy = False
 
@@ -137,7 +138,7 @@ class ShmLane:
         mapping = self._in.get((src, arena_id))
         if mapping is None:
             path = self._path(src, self.rank, arena_id)
-            mapping = self._in[(src, arena_id)] = _map(path, 0, create=False)
+            mapping = self._in[(src, arena_id)] = map_shared_file(path, 0, create=False)
             os.unlink(path)  # both sides hold a mapping; the name is no longer needed
         if size > len(mapping):
             raise ValueError(f"rank {src} refers to {size} bytes past its arena's end")

@@ -24,6 +24,8 @@ import time
 
 import numpy as np
 
+from titanserve.ipc.collectives.shm_lane import map_shared_file
+
 SLOT_BYTES = 1 << 20  # payload capacity of one slot
 SPIN_S = 0.002  # poll with sched_yield this long, then sleep between polls
 POLL_SLEEP_S = 1e-4
@@ -59,17 +61,7 @@ class ShmSlots:
         self._per_dst = _HEADER_BYTES + _SLOTS * self._stride  # ack line + slots
         size = world_size * self._per_dst
         path = region_path(prefix, rank)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            # Reserve the pages now: a full tmpfs fails here (OSError), not with a SIGBUS on
-            # some later write into the mapping.
-            os.posix_fallocate(fd, 0, size)
-            self._mine = mmap.mmap(fd, size)
-        except OSError:
-            os.unlink(path)
-            raise
-        finally:
-            os.close(fd)
+        self._mine = map_shared_file(path, size, create=True)
         self._path: str | None = path
         self._regions: dict[int, mmap.mmap] = {rank: self._mine}
         # (seq of the message in each slot to dst, -1: never used), kept by the sender
@@ -79,11 +71,7 @@ class ShmSlots:
         """Map every peer's region (they must all exist by now)."""
         for src in range(self.world_size):
             if src not in self._regions:
-                fd = os.open(region_path(self._prefix, src), os.O_RDWR)
-                try:
-                    self._regions[src] = mmap.mmap(fd, os.fstat(fd).st_size)
-                finally:
-                    os.close(fd)
+                self._regions[src] = map_shared_file(region_path(self._prefix, src), 0, False)
 
     def unlink(self) -> None:
         """Remove this rank's file (the mappings stay); safe to call twice."""
