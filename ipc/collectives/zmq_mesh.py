@@ -201,8 +201,9 @@ class ZmqMeshCollective(Collective):
         )
 
     def _send_large(self, seq: int, op: int, dst: int, header: bytes, data: np.ndarray):
-        """Send a tensor too big to inline: by shared memory if possible, else as a frame."""
-        if self._shm is not None:
+        """Send a tensor too big to inline: by shared memory if possible, else as a frame.
+        With slots, `_put_in_slot` has already tried the lane for it: straight to a frame."""
+        if self._shm is not None and self._slots is None:
             ref = self._shm.write(dst, torch.from_numpy(data.reshape(-1).view(np.uint8)))
             if ref is not None:  # else every arena for dst is still held: send the bytes
                 head = _HEAD.pack(seq, self.rank, op | _IN_SHM, len(header)) + header
