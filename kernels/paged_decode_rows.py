@@ -125,10 +125,8 @@ def paged_decode_attn_rows(
     p_denom = _probs_unshifted(s, seqs, rows.hidden, B)
     if p_denom is None:
         m = s.new_full((HG, B), float("-inf")).scatter_reduce_(1, seqs, s.amax(dim=2), "amax")
-        p = s.sub_(m.gather(1, seqs)[..., None])  # (HG, N, bs); m is finite where used
-        p = p.clamp_(min=EXP_FLOOR).exp_()
-        p.view(-1).index_fill_(0, rows.hidden, 0.0)
-        denom = s.new_zeros(HG, B).scatter_add_(1, seqs, p.sum(dim=2))  # (HG, B), 0: no context
+        shifted = s.sub_(m.gather(1, seqs)[..., None])  # (HG, N, bs); m is finite where used
+        p, denom = _exp_and_sums(shifted.clamp_(min=EXP_FLOOR), seqs, rows.hidden, B)
     else:
         p, denom = p_denom
     out = F.embedding_bag(
@@ -157,9 +155,19 @@ def _probs_unshifted(
     scores replaces the per-page maxima and their scatter to sequences."""
     if float(s.max()) > UNSHIFTED_MAX_SCORE:
         return None
-    p = s.clamp(min=EXP_FLOOR).exp_()  # (HG, N, bs); s stays for the other path
-    p.view(-1).index_fill_(0, hidden, 0.0)
-    denom = s.new_zeros(s.shape[0], B).scatter_add_(1, seqs, p.sum(dim=2))
+    p, denom = _exp_and_sums(s.clamp(min=EXP_FLOOR), seqs, hidden, B)  # s stays for the other
     if float(denom.min()) < UNSHIFTED_MIN_DENOM:  # a sequence with tiny scores (or none)
         return None
     return p, denom
+
+
+def _exp_and_sums(
+    floored: torch.Tensor,  # (HG, N, bs) scores clamped at EXP_FLOOR, overwritten
+    seqs: torch.Tensor,  # (HG, N) the sequence of each page
+    hidden: torch.Tensor,
+    B: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(exp(floored) with hidden slots 0, its per-sequence sums (HG, B))`; 0: no context."""
+    p = floored.exp_()
+    p.view(-1).index_fill_(0, hidden, 0.0)
+    return p, p.new_zeros(p.shape[0], B).scatter_add_(1, seqs, p.sum(dim=2))
