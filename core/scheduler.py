@@ -118,8 +118,8 @@ class Scheduler:
             if num_new <= 0:
                 continue
             target = computed + num_new
-            # Most decode steps fit in the blocks a request holds: no block manager call.
-            needs_blocks = target > len(request.block_ids) * self.block_managers[w].block_size
+            # Most decode steps fit in the blocks a request holds: nothing to allocate.
+            needs_blocks = self.block_managers[w].blocks_needed(target) > len(request.block_ids)
             if needs_blocks and not self._grow(request, target, pending, preempted):
                 continue  # preempted itself
             budgets[w] -= num_new
