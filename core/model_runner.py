@@ -58,8 +58,7 @@ class ModelRunner:
         finally:
             torch.set_default_dtype(previous)
         load_weights(self.model, model_path, placement, progress=progress)
-        if device.type == "cpu":
-            pack_linear_weights(self.model)  # oneDNN layout, packed once (kernels.cpu_linear)
+        pack_linear_weights(self.model)  # CPU weights: oneDNN layout, once (kernels.cpu_linear)
         self.k_caches, self.v_caches = allocate_kv_caches(
             cfg.num_layers, cfg.num_kv_heads, num_blocks, block_size, cfg.head_dim, dtype, device
         )  # each (L, num_blocks, block_size, Hk, D)
