@@ -35,9 +35,10 @@ class ExpertParallel:
         self.owner = placement.owner_tensor(device)  # (E,) worker of each expert
         self.comm_time_s = 0.0  # time inside the all-to-alls, summed until reset by the worker
 
-    def _all_to_all(self, parts: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _all_to_all(self, parts: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+        """(what every worker sent here, concatenated in rank order; rows from each)."""
         t0 = time.perf_counter()
-        out = self.collective.all_to_all_v(parts)
+        out = self.collective.all_to_all_cat(parts)
         self.comm_time_s += time.perf_counter() - t0
         return out
 
@@ -69,20 +70,18 @@ class ExpertParallel:
         )  # (P, 2)
         rows = x.index_select(0, token_of_pair)  # (P, H)
         if packed:
-            recv = self._all_to_all(list(torch.cat([rows, meta], dim=1).split(send_counts)))
-            recv_counts = [t.shape[0] for t in recv]
-            received = torch.cat(recv)  # (N, H + 2)
+            received, recv_counts = self._all_to_all(
+                list(torch.cat([rows, meta], dim=1).split(send_counts))
+            )  # (N, H + 2)
             rx, rmeta = received[:, :H], received[:, H:]
         else:
-            recv_x = self._all_to_all(list(rows.split(send_counts)))
-            recv_meta = self._all_to_all(list(meta.split(send_counts)))
-            recv_counts = [t.shape[0] for t in recv_x]
-            rx, rmeta = torch.cat(recv_x), torch.cat(recv_meta)  # (N, H), (N, 2)
+            rx, recv_counts = self._all_to_all(list(rows.split(send_counts)))  # (N, H)
+            rmeta, _ = self._all_to_all(list(meta.split(send_counts)))  # (N, 2)
         expert_out = compute(
             rx.contiguous(), rmeta[:, 1:2].to(x.dtype), rmeta[:, 0:1].long()
         )  # (N, H), already scaled by the router weight
-        back = self._all_to_all(list(expert_out.split(recv_counts)))
+        back, _ = self._all_to_all(list(expert_out.split(recv_counts)))  # (P, H)
         # the top-k sum runs in fp32, as in the single-worker grouped compute
         out = torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device)  # (T, H)
-        out.index_add_(0, token_of_pair, torch.cat(back).float())
+        out.index_add_(0, token_of_pair, back.float())
         return out.to(x.dtype)

@@ -42,6 +42,12 @@ class Collective(ABC):
         same everywhere. `recv[self.rank]` is `send[self.rank]` itself.
         """
 
+    def all_to_all_cat(self, send: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+        """`all_to_all_v` with what arrives concatenated in rank order (one new tensor), and
+        the number of rows from each rank: what MoE dispatch and combine want."""
+        recv = self.all_to_all_v(send)
+        return torch.cat(recv), [t.shape[0] for t in recv]
+
     @abstractmethod
     def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
         """Return every rank's `tensor`, by rank; first dims may differ between ranks."""

@@ -10,9 +10,10 @@ through ZeroMQ.
 
 Every rank owns one region (a tmpfs file all ranks map, unlinked once they have): per
 destination an ack word and two slots, so a sender can run one op ahead of a receiver. A slot
-is `[tag u64 | size u64 | pad | payload]`; tag = op sequence number + 1, written last. The
-destination writes its ack word (the last op it consumed + 1) into the sender's region. A
-message that travels through ZeroMQ instead leaves an OVERFLOW size in its slot.
+is `[tag u64 | prefix size u64 | data size u64 | pad | prefix | pad | data]`, the data 64-byte
+aligned so that a reader can view it as a tensor in place; tag = op sequence number + 1,
+written last. The destination writes its ack word (the last op it released + 1) into the
+sender's region. A message that travels through ZeroMQ instead leaves an OVERFLOW prefix size.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ POLL_SLEEP_S = 1e-4
 OVERFLOW = (1 << 64) - 1  # size of a message that did not fit: it comes through ZeroMQ
 _HEADER_BYTES = 64  # tag, size, padding to a cache line
 _SLOTS = 2
+_ALIGN = 64  # a message's data starts this aligned in its slot: readers view it in place
+_NOTHING = memoryview(b"")
 
 _fence_lock = threading.Lock()
 
@@ -66,12 +69,15 @@ class ShmSlots:
         self._regions: dict[int, mmap.mmap] = {rank: self._mine}
         # (seq of the message in each slot to dst, -1: never used), kept by the sender
         self._written = {dst: [-1] * _SLOTS for dst in range(world_size)}
+        self._views: dict[tuple[int, int], np.ndarray] = {}
+        self._bytes: dict[int, memoryview] = {rank: memoryview(self._mine)}
 
     def attach(self) -> None:
         """Map every peer's region (they must all exist by now)."""
         for src in range(self.world_size):
             if src not in self._regions:
                 self._regions[src] = map_shared_file(region_path(self._prefix, src), 0, False)
+                self._bytes[src] = memoryview(self._regions[src])
 
     def unlink(self) -> None:
         """Remove this rank's file (the mappings stay); safe to call twice."""
@@ -83,67 +89,89 @@ class ShmSlots:
             self._path = None
 
     # ------------------------------------------------------------------ layout
-    def _words(self, owner: int, offset: int, count: int = 1) -> np.ndarray:
-        return np.ndarray((count,), np.uint64, buffer=self._regions[owner], offset=offset)
+    def _words(self, owner: int, offset: int, count: int) -> np.ndarray:
+        """uint64 words of `owner`'s region, viewed once and kept (a view costs a few µs)."""
+        key = (owner, offset)
+        words = self._views.get(key)
+        if words is None:
+            words = np.ndarray((count,), np.uint64, buffer=self._regions[owner], offset=offset)
+            self._views[key] = words
+        return words
 
     def _ack_word(self, sender: int, dst: int) -> np.ndarray:
-        return self._words(sender, dst * self._per_dst)
+        return self._words(sender, dst * self._per_dst, 1)
 
     def _slot_offset(self, dst: int, seq: int) -> int:
         return dst * self._per_dst + _HEADER_BYTES + (seq % _SLOTS) * self._stride
 
     # ------------------------------------------------------------------ ops
-    def put(self, dst: int, seq: int, parts: tuple | None, deadline: float) -> bool:
-        """Write op `seq`'s message to dst: the concatenation of `parts` (bytes-like), or with
-        `parts` None a note that it comes through ZeroMQ. Returns False, writing nothing, when
-        the message is larger than a slot. Raises TimeoutError when dst has not freed the slot
-        by `deadline`."""
-        views = [] if parts is None else [_flat_bytes(part) for part in parts]
-        size = sum(len(view) for view in views)
-        if size > self.slot_bytes:
+    def put(self, dst: int, seq: int, message: tuple | None, deadline: float) -> bool:
+        """Write op `seq`'s message `(prefix, data)` (bytes-like; data lands 64-byte aligned)
+        to dst, or with `message` None a note that it comes through ZeroMQ. Returns False,
+        writing nothing, when it is larger than a slot. Raises TimeoutError when dst has not
+        freed the slot by `deadline`."""
+        if message is None:
+            prefix = data = _NOTHING
+        else:
+            prefix, data = (_flat_bytes(part) for part in message)
+        data_start = _aligned(len(prefix))
+        if data_start + len(data) > self.slot_bytes:
             return False
         k = seq % _SLOTS
         previous = self._written[dst][k]
-        if previous >= 0:  # dst must have consumed the message this slot holds
+        if previous >= 0:  # dst must have released the message this slot holds
             _wait_at_least(self._ack_word(self.rank, dst), previous + 1, deadline)
-        offset = self._slot_offset(dst, seq)
-        start = offset + _HEADER_BYTES
-        for view in views:
-            self._mine[start : start + len(view)] = view
-            start += len(view)
-        header = self._words(self.rank, offset, 2)  # tag, size
-        header[1] = OVERFLOW if parts is None else size
+        start = self._slot_offset(dst, seq) + _HEADER_BYTES
+        self._mine[start : start + len(prefix)] = prefix
+        self._mine[start + data_start : start + data_start + len(data)] = data
+        header = self._words(self.rank, start - _HEADER_BYTES, 3)  # tag, prefix and data sizes
+        header[1] = OVERFLOW if message is None else len(prefix)
+        header[2] = len(data)
         _fence()
         header[0] = seq + 1
         self._written[dst][k] = seq
         return True
 
-    def get(self, src: int, seq: int, deadline: float) -> bytearray | None:
-        """Op `seq`'s message from src (a copy: the slot is reused), or None when it travels
-        through ZeroMQ. Raises TimeoutError when it has not come by `deadline`."""
+    def get(self, src: int, seq: int, deadline: float) -> tuple[memoryview, memoryview] | None:
+        """Op `seq`'s message from src as `(prefix, data)` views into the slot, valid until
+        `release(src, seq)`; None when it travels through ZeroMQ (release it too). Raises
+        TimeoutError when it has not come by `deadline`."""
         offset = self._slot_offset(self.rank, seq)
-        header = self._words(src, offset, 2)
-        _wait_at_least(header[0:1], seq + 1, deadline)
+        header = self._words(src, offset, 3)
+        _wait_at_least(header, seq + 1, deadline)
         _fence()
-        size = int(header[1])
-        if size == OVERFLOW:
-            data = None
-        elif size > self.slot_bytes:
-            raise ValueError(f"rank {src} wrote a {size} byte message into a slot")
-        else:
-            start = offset + _HEADER_BYTES
-            data = bytearray(memoryview(self._regions[src])[start : start + size])
+        prefix_size, data_size = int(header[1]), int(header[2])
+        if prefix_size == OVERFLOW:
+            return None
+        data_start = _aligned(prefix_size)
+        if data_start + data_size > self.slot_bytes:
+            raise ValueError(f"rank {src} wrote {data_start + data_size} bytes into a slot")
+        slot = self._bytes[src][offset + _HEADER_BYTES : offset + self._stride]
+        return slot[:prefix_size], slot[data_start : data_start + data_size]
+
+    def release(self, src: int, seq: int) -> None:
+        """Hand op `seq`'s slot back to src (after `get`; its views must no longer be read)."""
         self._ack_word(src, self.rank)[0] = seq + 1
-        return data
 
     def close(self) -> None:
         self.unlink()
+        self._views.clear()
+        for view in self._bytes.values():
+            try:
+                view.release()
+            except BufferError:  # a view into it is still alive: the GC releases it
+                pass
+        self._bytes.clear()
         for region in self._regions.values():
             try:
                 region.close()
             except BufferError:  # a numpy view is still alive somewhere: the GC unmaps it
                 pass
         self._regions.clear()
+
+
+def _aligned(size: int) -> int:
+    return -(-size // _ALIGN) * _ALIGN
 
 
 def _flat_bytes(part) -> memoryview:

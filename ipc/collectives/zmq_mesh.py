@@ -37,16 +37,16 @@ _ZMQ_COPY_BELOW_BYTES = 256 << 10  # below this a copy beats zero-copy's release
 _EMPTY = np.empty(0, dtype=np.uint8)
 _HELLO_BODY = struct.Struct("<IB")  # world size, whether the sender made its slot region
 
-Frames = list  # of zmq.Frame, or one _Blob for a message that came through a slot
+Frames = list  # of zmq.Frame, or [prefix, data] _SlotFrames for a message in a slot
 
 
-class _Blob:
-    """A message read from a shared-memory slot, seen as a one-frame message."""
+class _SlotFrame:
+    """A view into a shared-memory slot, seen as a frame; valid until the op releases it."""
 
     more = False
 
-    def __init__(self, data: bytearray) -> None:
-        self.buffer = memoryview(data)
+    def __init__(self, data: memoryview) -> None:
+        self.buffer = data
 
 
 def _to_device_of(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -89,6 +89,7 @@ class ZmqMeshCollective(Collective):
         self._sockets: ms.MeshSockets | None = None
         self._shm: ShmLane | None = None
         self._slots: ShmSlots | None = None
+        self._borrowed: list[tuple[int, int]] = []  # (src, seq) of slots read, not yet released
         self._broken = False  # after WorkerLost, close() drops unsent messages at once
         self._socket_dir = socket_dir if addresses is None else None
         self._endpoints: list[str] = []
@@ -214,8 +215,10 @@ class ZmqMeshCollective(Collective):
     def _exchange(
         self, op: int, sends: list[tuple[int, bytes, np.ndarray]], sources: list[int]
     ) -> dict[int, Frames]:
-        """Send every (dst, tensor header, data) message, then receive one from each source."""
-        if self._slots is not None:
+        """Send every (dst, tensor header, data) message, then receive one from each source.
+        Messages that came through slots are views into them: call `_release_slots` once
+        they are copied out."""
+        if self._slots is not None and self._inbox.get(zmq.EVENTS) & zmq.POLLIN:
             self._drain_inbox()
         seq, self._seq = self._seq, self._seq + 1
         deadline = time.monotonic() + self.timeout_s
@@ -246,16 +249,13 @@ class ZmqMeshCollective(Collective):
                     data = self._slots.get(src, seq, deadline)
                 except TimeoutError:
                     raise self._lost(seq, op, {src}, "nothing") from None
+                self._borrowed.append((src, seq))
                 if data is None:
                     by_zmq.append(src)
                     continue
-                _, _, msg_op, header_len = _HEAD.unpack_from(data)
-                self._check_op(seq, op, src, msg_op)
-                if msg_op & _IN_SHM:  # head + header, then the arena reference
-                    end = _HEAD.size + header_len
-                    received[src] = [_Blob(data[:end]), _Blob(data[end:])]
-                else:
-                    received[src] = [_Blob(data)]
+                prefix, payload = data
+                self._check_op(seq, op, src, _HEAD.unpack_from(prefix)[2])
+                received[src] = [_SlotFrame(prefix), _SlotFrame(payload)]
         for src in by_zmq:
             frames = self._stash.pop((seq, src), None)
             if frames is not None:
@@ -284,12 +284,12 @@ class ZmqMeshCollective(Collective):
         """Put op `seq`'s message to dst in its slot: the message itself, or a reference to a
         copy in the shared-memory lane. False (with a note in the slot) when neither goes:
         then it must be sent through ZeroMQ."""
-        if self._slots.put(dst, seq, (head, header, data), deadline):
+        if self._slots.put(dst, seq, (head + header, data), deadline):
             return True
         ref = self._shm.write(dst, torch.from_numpy(data.reshape(-1).view(np.uint8)))
         if ref is not None:  # else every arena for dst is still held
             shm_head = _HEAD.pack(seq, self.rank, op | _IN_SHM, len(header))
-            if self._slots.put(dst, seq, (shm_head, header, ref), deadline):
+            if self._slots.put(dst, seq, (shm_head + header, ref), deadline):
                 return True
         self._slots.put(dst, seq, None, deadline)
         return False
@@ -310,8 +310,16 @@ class ZmqMeshCollective(Collective):
         detail = f"{what} from/to ranks {missing} in {_OP_NAMES[op]} #{seq} in {self.timeout_s}s"
         return WorkerLost(missing[0], detail)
 
-    def _tensor(self, src: int, frames: Frames) -> torch.Tensor:
-        """Decode a received tensor: a view of the frame or of the sender's shared memory."""
+    def _release_slots(self) -> None:
+        """Hand back the slots this op read (their views are copied out by now)."""
+        for src, seq in self._borrowed:
+            self._slots.release(src, seq)
+        self._borrowed.clear()
+
+    def _tensor(self, src: int, frames: Frames, borrow: bool = False) -> torch.Tensor:
+        """Decode a received tensor: a view of the frame or of the sender's shared memory.
+        One in a slot is copied out, unless `borrow` (then it is valid until the slots are
+        released)."""
         head = frames[0].buffer
         _, _, op, header_len = _HEAD.unpack_from(head)
         end = _HEAD.size + header_len
@@ -321,39 +329,61 @@ class ZmqMeshCollective(Collective):
         if len(frames) != 2 or len(head) != end:
             raise ValueError(f"malformed mesh message from rank {src}")
         if not op & _IN_SHM:
-            return tensor_from_buffer(header, frames[1])
+            tensor = tensor_from_buffer(header, frames[1].buffer)
+            in_slot = isinstance(frames[1], _SlotFrame)
+            return tensor.clone() if in_slot and not borrow else tensor
         if self._shm is None:
             raise ValueError(f"rank {src} sent a shared-memory reference over tcp://")
         return tensor_from_buffer(header, self._shm.read(src, frames[1].buffer))
 
-    def all_to_all_v(self, send: list[torch.Tensor]) -> list[torch.Tensor]:
-        """See `Collective.all_to_all_v`."""
+    def _all_to_all(self, send: list[torch.Tensor], borrow: bool) -> dict[int, torch.Tensor]:
+        """What each peer sent here, checked against this rank's dtype and trailing dims."""
         if len(send) != self.world_size:
             raise ValueError(f"all_to_all_v needs {self.world_size} tensors, got {len(send)}")
         mine = send[self.rank]
         peers = self._peers()
         sends = [(dst, *encode_tensor(send[dst])) for dst in peers]
         received = self._exchange(_ALL_TO_ALL, sends, peers)
-        recv = [mine] * self.world_size
+        tensors = {}
         for src, frames in received.items():
-            tensor = self._tensor(src, frames)
+            tensor = self._tensor(src, frames, borrow)
             if tensor.dtype != mine.dtype or tensor.shape[1:] != mine.shape[1:]:
                 raise ValueError(
                     f"all_to_all_v: rank {src} sent {tensor.dtype}{list(tensor.shape)}, "
                     f"rank {self.rank} sends {mine.dtype}{list(mine.shape)}; dtype and "
                     "trailing dims must match"
                 )
-            recv[src] = _to_device_of(tensor, mine)
-        return recv
+            tensors[src] = _to_device_of(tensor, mine)
+        return tensors
+
+    def all_to_all_v(self, send: list[torch.Tensor]) -> list[torch.Tensor]:
+        """See `Collective.all_to_all_v`."""
+        try:
+            received = self._all_to_all(send, borrow=False)
+        finally:
+            self._release_slots()
+        return [received.get(src, send[src]) for src in range(self.world_size)]
+
+    def all_to_all_cat(self, send: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+        """See `Collective.all_to_all_cat`: slot messages are copied once, into the result."""
+        try:
+            received = self._all_to_all(send, borrow=True)
+            parts = [received.get(src, send[src]) for src in range(self.world_size)]
+            return torch.cat(parts), [part.shape[0] for part in parts]
+        finally:
+            self._release_slots()
 
     def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
         """See `Collective.all_gather`."""
         peers = self._peers()
         header, data = encode_tensor(tensor)
-        received = self._exchange(_ALL_GATHER, [(dst, header, data) for dst in peers], peers)
         gathered = [tensor] * self.world_size
-        for src, frames in received.items():
-            gathered[src] = _to_device_of(self._tensor(src, frames), tensor)
+        try:
+            received = self._exchange(_ALL_GATHER, [(dst, header, data) for dst in peers], peers)
+            for src, frames in received.items():
+                gathered[src] = _to_device_of(self._tensor(src, frames), tensor)
+        finally:
+            self._release_slots()
         return gathered
 
     def ring_send_recv(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -361,14 +391,20 @@ class ZmqMeshCollective(Collective):
         if self.world_size == 1:
             return tensor
         nxt, prev = (self.rank + 1) % self.world_size, (self.rank - 1) % self.world_size
-        received = self._exchange(_RING, [(nxt, *encode_tensor(tensor))], [prev])
-        return _to_device_of(self._tensor(prev, received[prev]), tensor)
+        try:
+            received = self._exchange(_RING, [(nxt, *encode_tensor(tensor))], [prev])
+            return _to_device_of(self._tensor(prev, received[prev]), tensor)
+        finally:
+            self._release_slots()
 
     def barrier(self) -> None:
         """See `Collective.barrier`."""
         if self.world_size > 1:
             peers = self._peers()
-            self._exchange(_BARRIER, [(dst, b"", _EMPTY) for dst in peers], peers)
+            try:
+                self._exchange(_BARRIER, [(dst, b"", _EMPTY) for dst in peers], peers)
+            finally:
+                self._release_slots()
 
     def close(self) -> None:
         """Close the sockets, remove this rank's socket file and the directory once empty."""

@@ -116,6 +116,15 @@ def exercise(rank: int, coll: Collective, die_rank: int | None) -> dict[str, Any
         recv = coll.all_to_all_v(send)
         result[f"a2a_{dtype}"] = [(str(t.dtype), t.tolist()) for t in recv]
         result["self_is_identity"] = recv[rank] is send[rank]
+    cats = [  # several held at once: each result is its own copy, not a view of a buffer
+        coll.all_to_all_cat([_a2a_payload(rank, dst, torch.float32) + k for dst in range(world)])
+        for k in range(3)
+    ]
+    result["a2a_cat"] = [(t.tolist(), counts) for t, counts in cats]
+    big_cat, big_counts = coll.all_to_all_cat([torch.full((1 << 15, 4), float(rank * world + dst))
+                                               for dst in range(world)])  # fmt: skip
+    result["a2a_cat_big"] = [(n, part.min().item(), part.max().item())
+                             for n, part in zip(big_counts, big_cat.split(big_counts))]  # fmt: skip
     empty = coll.all_to_all_v([torch.empty(0, 4) for _ in range(world)])
     result["a2a_empty"] = [list(t.shape) for t in empty]
     big_rows = 1 << 15  # 512 KiB per peer: the zero-copy path
@@ -162,6 +171,13 @@ def check_results(results: dict[int, Any], world: int, die_rank: int | None) -> 
             expected = [_a2a_payload(src, rank, dtype) for src in range(world)]
             assert res[f"a2a_{dtype}"] == [(str(dtype), t.tolist()) for t in expected]
         assert res["self_is_identity"]
+        assert res["a2a_cat"] == [
+            (torch.cat([_a2a_payload(src, rank, torch.float32) + k for src in range(world)])
+             .tolist(), [_split_rows(src, rank) for src in range(world)])
+            for k in range(3)
+        ]  # fmt: skip
+        big_value = [float(src * world + rank) for src in range(world)]
+        assert res["a2a_cat_big"] == [(1 << 15, v, v) for v in big_value]
         assert res["a2a_empty"] == [[0, 4]] * world
         assert res["a2a_big"] == [(1 << 15, float(src * world + rank), float(src * world + rank))
                                   for src in range(world)]  # fmt: skip

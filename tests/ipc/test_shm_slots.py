@@ -28,6 +28,13 @@ def soon(seconds: float = 1.0) -> float:
     return time.monotonic() + seconds
 
 
+def take(slots: ShmSlots, src: int, seq: int, deadline: float | None = None) -> bytes | None:
+    """Read op `seq`'s message from src as prefix + data bytes, then release its slot."""
+    got = slots.get(src, seq, soon() if deadline is None else deadline)
+    slots.release(src, seq)
+    return None if got is None else bytes(got[0]) + bytes(got[1])
+
+
 def test_messages_round_trip_in_order_and_files_go(tmp_path: Path) -> None:
     a, b, prefix = make_pair(tmp_path)
     assert len(glob.glob(prefix + "*")) == 2
@@ -37,51 +44,59 @@ def test_messages_round_trip_in_order_and_files_go(tmp_path: Path) -> None:
     for seq in range(5):  # both slots, each reused
         payload = np.arange(seq * 3, dtype=np.int32)  # seq 0: an empty array
         assert a.put(1, seq, (b"head", payload), soon())
-        got = b.get(0, seq, soon())
-        assert isinstance(got, bytearray)
-        assert bytes(got) == b"head" + payload.tobytes()
-        assert b.put(0, seq, (bytes([seq]),), soon())
-        assert a.get(1, seq, soon()) == bytearray([seq])
+        prefix_view, data_view = b.get(0, seq, soon())
+        assert bytes(prefix_view) == b"head"
+        assert np.array_equal(np.frombuffer(data_view, np.int32), payload)
+        # the data is viewed in place, 64-byte aligned: a tensor can be built on it as is
+        assert np.frombuffer(data_view, np.uint8).ctypes.data % 64 == 0
+        b.release(0, seq)
+        assert b.put(0, seq, (bytes([seq]), b""), soon())
+        assert take(a, 1, seq) == bytes([seq])
     a.close()
     b.close()
 
 
-def test_a_copy_out_survives_the_slots_reuse(tmp_path: Path) -> None:
+def test_a_view_holds_until_released_and_then_the_slot_is_reused(tmp_path: Path) -> None:
     a, b, _ = make_pair(tmp_path)
-    a.put(1, 0, (b"first",), soon())
-    first = b.get(0, 0, soon())
-    a.put(1, 1, (b"second",), soon())
-    b.get(0, 1, soon())
-    a.put(1, 2, (b"third!",), soon())  # slot 0 again
+    a.put(1, 0, (b"", b"first"), soon())
+    a.put(1, 1, (b"", b"second"), soon())
+    _, first = b.get(0, 0, soon())
+    with pytest.raises(TimeoutError):  # slot 0 is still lent out to the reader
+        a.put(1, 2, (b"", b"third!"), soon(0.05))
     assert bytes(first) == b"first"
-    assert bytes(b.get(0, 2, soon())) == b"third!"
+    b.release(0, 0)
+    a.put(1, 2, (b"", b"third!"), soon())  # slot 0 again
+    assert take(b, 0, 1) == b"second"
+    assert take(b, 0, 2) == b"third!"
 
 
 def test_too_big_writes_nothing_and_the_note_says_zeromq(tmp_path: Path) -> None:
-    a, b, _ = make_pair(tmp_path, slot_bytes=16)
-    assert not a.put(1, 0, (b"x" * 17,), soon())
+    a, b, _ = make_pair(tmp_path, slot_bytes=80)
+    assert not a.put(1, 0, (b"p", b"x" * 17), soon())  # 64 (prefix, aligned) + 17 > 80
     with pytest.raises(TimeoutError):  # nothing was published for op 0
         b.get(0, 0, time.monotonic())
     assert a.put(1, 0, None, soon())  # the note: comes by ZeroMQ
-    assert b.get(0, 0, soon()) is None
-    assert a.put(1, 1, (b"y" * 16,), soon())  # exactly a slot's worth fits
-    assert bytes(b.get(0, 1, soon())) == b"y" * 16
+    assert take(b, 0, 0) is None
+    assert a.put(1, 1, (b"p", b"y" * 16), soon())  # exactly a slot's worth fits
+    assert take(b, 0, 1) == b"p" + b"y" * 16
+    assert a.put(1, 2, (b"", b"z" * 80), soon())  # no prefix: the data starts the slot
+    assert take(b, 0, 2) == b"z" * 80
 
 
-def test_a_sender_two_ops_ahead_waits_for_the_readers_ack(tmp_path: Path) -> None:
+def test_a_sender_two_ops_ahead_waits_for_the_readers_release(tmp_path: Path) -> None:
     a, b, _ = make_pair(tmp_path)
-    a.put(1, 0, (b"op0",), soon())
-    a.put(1, 1, (b"op1",), soon())
+    a.put(1, 0, (b"", b"op0"), soon())
+    a.put(1, 1, (b"", b"op1"), soon())
     with pytest.raises(TimeoutError):  # slot 0 still holds op 0, unread
-        a.put(1, 2, (b"op2",), soon(0.05))
-    reader = threading.Timer(0.1, lambda: b.get(0, 0, soon()))
+        a.put(1, 2, (b"", b"op2"), soon(0.05))
+    reader = threading.Timer(0.1, lambda: take(b, 0, 0))
     reader.start()
     start = time.monotonic()
-    assert a.put(1, 2, (b"op2",), soon())  # returns once op 0 is consumed
+    assert a.put(1, 2, (b"", b"op2"), soon())  # returns once op 0 is released
     assert time.monotonic() - start >= 0.05
     reader.join()
-    assert bytes(b.get(0, 1, soon())) == b"op1"
-    assert bytes(b.get(0, 2, soon())) == b"op2"
+    assert take(b, 0, 1) == b"op1"
+    assert take(b, 0, 2) == b"op2"
 
 
 def test_a_reader_past_its_deadline_raises_and_a_late_message_still_comes(
@@ -93,9 +108,9 @@ def test_a_reader_past_its_deadline_raises_and_a_late_message_still_comes(
     with pytest.raises(TimeoutError):
         b.get(0, 0, soon(0.1))
     assert 0.09 < time.monotonic() - start < 1.0
-    writer = threading.Timer(0.05, lambda: a.put(1, 0, (b"late",), soon()))
+    writer = threading.Timer(0.05, lambda: a.put(1, 0, (b"late", b""), soon()))
     writer.start()
-    assert bytes(b.get(0, 0, soon())) == b"late"
+    assert take(b, 0, 0) == b"late"
     writer.join()
 
 
