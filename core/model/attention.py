@@ -99,10 +99,10 @@ class Attention(nn.Module):
         out = torch.empty_like(q)  # (T, Hq, D)
         nd = meta.num_decode_tokens
         if nd and meta.decode_rows is not None:
-            out[:nd] = paged_decode_attn_rows(
+            paged_decode_attn_rows(
                 q[:nd], key_pages(k_cache), value_pages(v_cache), meta.decode_rows, self.scale,
-                with_lse=False,
-            )[0]
+                with_lse=False, out=out[:nd],
+            )
         elif nd:
             out[:nd] = ops.paged_decode_attn(
                 q[:nd],

@@ -94,6 +94,22 @@ def test_scores_spread_past_exps_range(in_place):
     assert_decode_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_out_is_written_in_place_through_its_strides():
+    """`out=` a slice of a step's (T, Hq, D) output: the decode rows land there, the rest
+    stays as it was, and no lse is made without being asked for."""
+    q, k_cache, v_cache, tables, lens = make_decode(
+        3, 4, 2, 8, 4, 3, [10, 7, 5], head_major=True, keys_transposed=True
+    )
+    want, _ = paged_decode_attn_torch(q, k_cache, v_cache, tables, lens)
+    step_out = torch.full((5, 4, 8), 7.0)  # 3 decode rows, then 2 prefill rows
+    rows = decode_rows(tables, lens, 2, 2, k_cache.shape[0], 4, 8)
+    got, lse = paged_decode_attn_rows(q, key_pages(k_cache), value_pages(v_cache), rows,
+                                      8**-0.5, with_lse=False, out=step_out[:3])  # fmt: skip
+    assert lse is None and got.data_ptr() == step_out.data_ptr()
+    torch.testing.assert_close(step_out[:3], want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(step_out[3:], torch.full((2, 4, 8), 7.0))
+
+
 def _spy_unshifted(monkeypatch) -> list:
     """Record whether each call took the softmax without per-sequence maxima."""
     from titanserve.kernels import paged_decode_rows
@@ -111,8 +127,8 @@ def _spy_unshifted(monkeypatch) -> list:
 
 @pytest.mark.parametrize("scale_q,unshifted", [(1.0, True), (40.0, False)])
 def test_softmax_path_by_score_range(monkeypatch, scale_q, unshifted):
-    """Ordinary scores skip the per-sequence maxima; a score past UNSHIFTED_MAX_SCORE takes
-    the exact path. Both give the reference attention and lse."""
+    """Ordinary scores skip the per-sequence maxima; a sum past UNSHIFTED_MAX_DENOM (a score
+    past e^30) takes the exact path. Both give the reference attention and lse."""
     taken = _spy_unshifted(monkeypatch)
     args = make_decode(5, 8, 2, 16, 4, 6, [21, 9, 1, 16, 3], head_major=True,
                        keys_transposed=True)
