@@ -1,14 +1,16 @@
 """Offline throughput: titanserve vs batched `transformers.generate`, same requests, same run.
 
     python benchmarks/throughput.py [--models tiny-mixtral tiny-llama] [--workers 1 2]
-                                    [--num-requests 64] [--hf-batch-size 16] [--smollm2]
+                                    [--num-requests 64] [--hf-batch-sizes 16 32 64] [--smollm2]
 
 64 seeded random requests (prompts of 32-256 tokens, 64-128 output tokens, EOS ignored, greedy)
 on tiny fp32 checkpoints from `make_tiny`, scaled up so that model compute is not trivial.
 transformers runs them in batches with left padding and an attention mask; a batch generates
-its longest output, and only the tokens each request asked for are counted. Prints output
-tokens/s of both, the ratio, and how many greedy tokens agree. `--smollm2` adds SmolLM2-135M
-(bf16) decode tok/s at batch 1 and 8. Both run on `--device` (default: CUDA when there is one).
+its longest output, and only the tokens each request asked for are counted. It runs at each
+of `--hf-batch-sizes` and the fastest is the baseline (on this CPU, batch 64 beat batch 16 by
+25-90%). Prints output tokens/s of both, the ratio, and how many greedy tokens agree.
+`--smollm2` adds SmolLM2-135M (bf16) decode tok/s at batch 1 and 8. Both run on `--device`
+(default: CUDA when there is one).
 """
 
 from __future__ import annotations
@@ -172,8 +174,11 @@ def bench_tiny(name: str, workers: list[int], args: argparse.Namespace, tmp: Pat
     requests = make_requests(args.num_requests, vocab, (32, 256), (64, 128), args.seed)
     n_in = sum(len(p) for p, _ in requests)
     print(f"\n{name} (fp32, {len(requests)} requests, {n_in} prompt tokens)", flush=True)
-    hf = run_hf(path, requests, args.hf_batch_size, "float32", args.device, args.repeat)
-    _row(f"transformers (batch {args.hf_batch_size})", hf)
+    hf = None  # the fastest batch size is the baseline
+    for batch_size in args.hf_batch_sizes:
+        run = run_hf(path, requests, batch_size, "float32", args.device, args.repeat)
+        _row(f"transformers (batch {batch_size})", run)
+        hf = run if hf is None or run["elapsed_s"] < hf["elapsed_s"] else hf
     hf_rate = hf["tokens"] / hf["elapsed_s"]
     for w in workers:
         label = f"titanserve ({w} worker{'s' * (w > 1)})"
@@ -182,7 +187,7 @@ def bench_tiny(name: str, workers: list[int], args: argparse.Namespace, tmp: Pat
         except Exception as e:  # one broken configuration must not hide the others' numbers
             print(f"  {label:<26}FAILED: {type(e).__name__}: {e}", flush=True)
             continue
-        extra = f"  x{ts['tokens'] / ts['elapsed_s'] / hf_rate:.2f} vs HF"
+        extra = f"  x{ts['tokens'] / ts['elapsed_s'] / hf_rate:.2f} vs best HF"
         extra += f"  agree {agreement(ts['token_ids'], hf['token_ids']):.0%}"
         if ts["overhead"] is not None:
             extra += f"  outside compute {ts['overhead']:.0%}"
@@ -216,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--workers", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--num-requests", type=int, default=64)
-    parser.add_argument("--hf-batch-size", type=int, default=16)
+    parser.add_argument("--hf-batch-sizes", nargs="+", type=int, default=[16, 32, 64],
+                        help="transformers batch sizes tried; the fastest is the baseline")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeat", type=int, default=1, help="best of N runs (noisy hosts)")
     parser.add_argument("--smollm2", action="store_true", help="add SmolLM2-135M bf16 b1/b8")
