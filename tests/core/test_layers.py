@@ -57,6 +57,13 @@ def test_the_cpu_runner_packs_its_model(tiny_model, family):
         for name in getattr(type(module), "LINEAR_WEIGHTS", ())
     ]
     assert listed and all(getattr(m, name).is_mkldnn for m, name in listed)
+    experts = [  # stored input-major for the torch path's matmuls (kernels.fused_moe)
+        getattr(module, name)
+        for module in model.modules()
+        for name in getattr(type(module), "EXPERT_WEIGHTS", ())
+    ]
+    assert bool(experts) == bool(cfg.num_experts)
+    assert all(w.dim() == 3 and w[0].t().is_contiguous() for w in experts)
     assert not model.embed_tokens.is_mkldnn  # the embedding lookup needs the dense table
     if cfg.tie_word_embeddings:
         hidden = torch.randn(3, cfg.hidden_size)

@@ -15,6 +15,7 @@ from titanserve.kernels.fused_moe import (
     fused_moe_torch,
     fused_moe_triton,
     get_config,
+    input_major,
     pick_config,
 )
 from titanserve.kernels.launch import interpreting
@@ -95,6 +96,22 @@ def test_torch_matches_loop(T, K, E, H, N, routing, mapped, max_padding, monkeyp
     monkeypatch.setattr(fused_moe_mod, "MAX_PADDING", max_padding)
     args = make_moe(T, K, E, H, N, routing, mapped)
     torch.testing.assert_close(fused_moe_torch(**args), fused_moe_loop(**args))
+
+
+@pytest.mark.parametrize("max_padding", [0.0, float("inf")], ids=["looped", "batched"])
+def test_input_major_weights_give_the_same_result(max_padding, monkeypatch):
+    """Expert weights stored (E, K, N) under their (E, N, K) shape (`input_major`, what the
+    CPU runner uses): same values, contiguous transposes, the same expert outputs (up to
+    BLAS's summation order)."""
+    monkeypatch.setattr(fused_moe_mod, "MAX_PADDING", max_padding)
+    args = make_moe(33, 2, 8, 32, 24, "random", True)
+    want = fused_moe_torch(**args)
+    for name in ("w_gate_up", "w_down"):
+        weights = args[name]
+        args[name] = input_major(weights)
+        assert args[name].shape == weights.shape and torch.equal(args[name], weights)
+        assert not args[name].is_contiguous() and args[name][0].t().is_contiguous()
+    torch.testing.assert_close(fused_moe_torch(**args), want, rtol=1e-6, atol=1e-6)
 
 
 def test_batched_path_is_taken_only_while_padding_is_cheap(monkeypatch):
