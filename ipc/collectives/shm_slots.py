@@ -157,17 +157,20 @@ class ShmSlots:
         self.unlink()
         self._views.clear()
         for view in self._bytes.values():
-            try:
-                view.release()
-            except BufferError:  # a view into it is still alive: the GC releases it
-                pass
-        self._bytes.clear()
+            _unless_in_use(view.release)
         for region in self._regions.values():
-            try:
-                region.close()
-            except BufferError:  # a numpy view is still alive somewhere: the GC unmaps it
-                pass
+            _unless_in_use(region.close)
+        self._bytes.clear()
         self._regions.clear()
+
+
+def _unless_in_use(close) -> None:
+    """Release a view or unmap a region, unless a view into it is still alive somewhere: the
+    GC does it then."""
+    try:
+        close()
+    except BufferError:
+        pass
 
 
 def _aligned(size: int) -> int:
