@@ -297,8 +297,10 @@ def fused_moe_triton(
     (deterministic). `config` overrides the tile sizes (see `get_config`)."""
     require_launchable("fused_moe", x, w_gate_up, w_down, topk_weights, topk_ids, expert_map,
                        gate_up_bias, down_bias)
-    require(x.stride(1) == 1 and w_gate_up.stride(2) == 1 and w_down.stride(2) == 1,
-            "fused_moe: x, w_gate_up and w_down need a contiguous last dim")
+    require(x.stride(1) == 1, "fused_moe: x needs a contiguous last dim")
+    # Weights laid out for the torch path (`input_major`: a CPU model, then a backend forced
+    # to Triton) are copied into the layout the kernels read; GPU weights never are.
+    w_gate_up, w_down = (w if w.stride(2) == 1 else w.contiguous() for w in (w_gate_up, w_down))
     T, H = x.shape
     E_local, two_i, _ = w_gate_up.shape
     inter_size = two_i // 2

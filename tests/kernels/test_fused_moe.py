@@ -114,6 +114,15 @@ def test_input_major_weights_give_the_same_result(max_padding, monkeypatch):
     torch.testing.assert_close(fused_moe_torch(**args), want, rtol=1e-6, atol=1e-6)
 
 
+@interp
+def test_triton_takes_input_major_weights():
+    """A CPU model's experts are input-major; forcing the Triton backend afterwards still works."""
+    args = make_moe(9, 2, 4, 32, 16)
+    want = fused_moe_torch(**args)
+    args.update(w_gate_up=input_major(args["w_gate_up"]), w_down=input_major(args["w_down"]))
+    torch.testing.assert_close(fused_moe_triton(**args), want, atol=1e-4, rtol=1e-4)
+
+
 def test_batched_path_is_taken_only_while_padding_is_cheap(monkeypatch):
     calls = []
     for name in ("_experts_batched", "_experts_looped"):
