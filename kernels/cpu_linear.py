@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from titanserve.kernels.weight_layout import relayout_listed_weights
+
 # The row count oneDNN tunes the packed layout for; any row count works with any layout.
 # Measured 1 / 64 / 1024 at 1, 64 and 1024 rows: 1024 was best or within noise everywhere.
 PACK_ROWS_HINT = 1024
@@ -81,11 +83,4 @@ def pack_linear_weights(model: nn.Module) -> int:
     (the parameters it only ever passes to `linear`) that `can_pack` takes. Returns how many
     were packed. A parameter shared by two names (tied embeddings) is packed as a copy for
     the `linear` name and stays dense under the other."""
-    packed = 0
-    for module in model.modules():
-        for name in getattr(type(module), "LINEAR_WEIGHTS", ()):
-            weight = getattr(module, name, None)
-            if isinstance(weight, torch.Tensor) and can_pack(weight):
-                setattr(module, name, nn.Parameter(pack(weight), requires_grad=False))
-                packed += 1
-    return packed
+    return relayout_listed_weights(model, "LINEAR_WEIGHTS", can_pack, pack)

@@ -19,6 +19,7 @@ import triton.language as tl
 from titanserve.kernels.backend import MOE_CONFIG_DIR, backend
 from titanserve.kernels.launch import cdiv, require, require_launchable
 from titanserve.kernels.moe_align import align_blocks
+from titanserve.kernels.weight_layout import relayout_listed_weights
 
 ACTIVATIONS = ("silu", "swiglu_oai")
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
@@ -100,16 +101,10 @@ def use_input_major_experts(model: torch.nn.Module) -> int:
     """In place, lay out every torch-backend expert weight a module lists in `EXPERT_WEIGHTS`
     (its (E, N, K) stacks) with `input_major`; returns how many. The Triton kernels keep the
     checkpoint's layout."""
-    changed = 0
-    for module in model.modules():
-        for name in getattr(type(module), "EXPERT_WEIGHTS", ()):
-            weights = getattr(module, name, None)
-            if isinstance(weights, torch.Tensor) and weights.dim() == 3 and (
-                backend(weights) == "torch"
-            ):
-                setattr(module, name, torch.nn.Parameter(input_major(weights), requires_grad=False))
-                changed += 1
-    return changed
+    def takes(weights: torch.Tensor) -> bool:
+        return weights.dim() == 3 and backend(weights) == "torch"
+
+    return relayout_listed_weights(model, "EXPERT_WEIGHTS", takes, input_major)
 
 
 # Small batches (decode) run every expert in two batched matmuls over rows padded to the
