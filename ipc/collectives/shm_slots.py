@@ -69,7 +69,7 @@ class ShmSlots:
         self._regions: dict[int, mmap.mmap] = {rank: self._mine}
         # (seq of the message in each slot to dst, -1: never used), kept by the sender
         self._written = {dst: [-1] * _SLOTS for dst in range(world_size)}
-        self._views: dict[tuple[int, int], np.ndarray] = {}
+        self._views: dict[tuple[int, int, int], np.ndarray] = {}
         self._bytes: dict[int, memoryview] = {rank: memoryview(self._mine)}
 
     def attach(self) -> None:
@@ -91,7 +91,7 @@ class ShmSlots:
     # ------------------------------------------------------------------ layout
     def _words(self, owner: int, offset: int, count: int) -> np.ndarray:
         """uint64 words of `owner`'s region, viewed once and kept (a view costs a few µs)."""
-        key = (owner, offset)
+        key = (owner, offset, count)
         words = self._views.get(key)
         if words is None:
             words = np.ndarray((count,), np.uint64, buffer=self._regions[owner], offset=offset)
