@@ -140,5 +140,6 @@ def main() -> None:
                   f"{gloo_s * 1e6:>9.0f} {gloo_s / zmq_s:>8.2f}x {plain_s / zmq_s:>9.2f}x",
                   flush=True)  # fmt: skip
 
+
 if __name__ == "__main__":
     main()
