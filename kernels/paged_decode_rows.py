@@ -124,12 +124,12 @@ def paged_decode_attn_rows(
     weights = queries.index_select(1, rows.seq_of_page).view(-1, D)  # (Hk*G*N, D)
     s = F.embedding_bag(
         rows.key_rows, key_pages.view(-1, bs), mode="sum", per_sample_weights=weights
-    ).view(HG, N, bs)  # scaled scores of every page's slots
-    s.view(-1).index_fill_(0, rows.hidden, float("-inf"))
+    ).view(HG, N, bs)  # scaled scores of every page's slots; hidden ones hold garbage
     seqs = rows.seq_of_page.expand(HG, N)
     m = None  # (HG, B) the max subtracted from each sequence's scores; None: 0
     p_denom = _probs_unshifted(s, seqs, rows.hidden, B)
     if p_denom is None:
+        s.view(-1).index_fill_(0, rows.hidden, float("-inf"))  # out of the maxima
         m = s.new_full((HG, B), float("-inf")).scatter_reduce_(1, seqs, s.amax(dim=2), "amax")
         shifted = s.sub_(m.gather(1, seqs)[..., None])  # (HG, N, bs); m is finite where used
         p, denom = _exp_and_sums(shifted.clamp_(min=EXP_FLOOR), seqs, rows.hidden, B)
@@ -150,7 +150,7 @@ def paged_decode_attn_rows(
 
 
 def _probs_unshifted(
-    s: torch.Tensor,  # (HG, N, bs) scores, -inf in hidden slots
+    s: torch.Tensor,  # (HG, N, bs) scores; hidden slots: anything (nan, inf), zeroed after exp
     seqs: torch.Tensor,  # (HG, N) the sequence of each page
     hidden: torch.Tensor,
     B: int,

@@ -59,6 +59,25 @@ def test_padding_never_leaks_into_a_sequence():
     assert not torch.allclose(after[0][1], before[0][1])  # the poison did reach sequence 1
 
 
+@pytest.mark.parametrize("q_scale,unshifted", [(1.0, True), (40.0, False)])
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), float("-inf")])
+def test_any_key_in_a_hidden_slot_is_ignored(monkeypatch, poison, q_scale, unshifted):
+    """A slot past a context scores garbage (whatever key it holds, nan too) until exp() and
+    weighs 0 after, on both softmax paths (40: scores past e^30, the exact path)."""
+    q, k_cache, v_cache, tables, lens = make_decode(
+        4, 4, 2, 8, 4, 6, [5, 24, 9, 1], num_blocks=24, head_major=True, keys_transposed=True
+    )
+    q = q * q_scale
+    tables[:] = torch.arange(24).view(4, 6)  # no page in two sequences
+    _, before = run_rows(q, k_cache, v_cache, tables, lens)
+    for seq, n in enumerate(lens.tolist()):
+        k_cache[tables[seq, (n - 1) // 4].long(), (n - 1) % 4 + 1 :] = poison  # its last page
+    taken = _spy_unshifted(monkeypatch)
+    _, after = run_rows(q, k_cache, v_cache, tables, lens)
+    assert taken == [unshifted]
+    assert_decode_close(after, before, atol=0, rtol=0)
+
+
 def test_kv_cache_layout_and_writes():
     """allocate_kv_caches: logical (L, blocks, bs, Hk, D) views; on CPU fp32 the keys are
     page-transposed and index_put_ writes land in that memory."""
