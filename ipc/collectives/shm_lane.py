@@ -83,6 +83,7 @@ class ShmLane:
         self._retired: dict[int, int] = {}  # dst -> arena id it may unmap
         self._in: dict[tuple[int, int], mmap.mmap] = {}  # (src, arena id) -> mapping
         self._acks: list[tuple[int, int]] = []  # (src, arena id), appended by finalizers
+        self.num_busy = 0  # arenas written and not acked yet
 
     def _path(self, src: int, dst: int, arena_id: int) -> str:
         return f"{self._prefix}-{src}to{dst}-a{arena_id}"
@@ -114,6 +115,7 @@ class ShmLane:
             return None
         arena.bytes[:size].copy_(data)
         arena.busy = True
+        self.num_busy += 1
         return _REF.pack(arena.id, size, self._retired.pop(dst, 0))
 
     def on_ack(self, dst: int, arena_id: int) -> None:
@@ -122,6 +124,7 @@ class ShmLane:
             if arena.id == arena_id:
                 assert arena.busy, f"rank {dst} acked arena {arena_id} twice"
                 arena.busy = False
+                self.num_busy -= 1
                 return
         raise AssertionError(f"rank {dst} acked unknown arena {arena_id}")
 

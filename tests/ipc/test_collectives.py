@@ -148,6 +148,8 @@ def exercise(rank: int, coll: Collective, die_rank: int | None) -> dict[str, Any
     ring_send = torch.full((rank + 1, 2), rank, dtype=torch.float16)
     result["ring"] = coll.ring_send_recv(ring_send).tolist()
     coll.barrier()
+    del big, grown  # the last views into peers' arenas: acked at this rank's next ops
+    result["arenas_acked"] = _arenas_acked(coll)
     if die_rank is not None:
         if rank == die_rank:
             time.sleep(0.5)  # let this rank's last sends reach the peers, then vanish
@@ -159,6 +161,16 @@ def exercise(rank: int, coll: Collective, die_rank: int | None) -> dict[str, Any
         except WorkerLost as exc:
             result["lost"] = (exc.rank, str(exc), time.monotonic() - start)
     return result
+
+
+def _arenas_acked(coll: Collective) -> bool:
+    """Whether every arena this rank wrote has been acked, and the ack applied, after a few
+    ops (acks wait in the inbox until an op drains it). True without a shared-memory lane."""
+    for _ in range(5):  # the same number of barriers on every rank
+        time.sleep(0.02)
+        coll.barrier()
+    lane = getattr(coll, "_shm", None)
+    return lane is None or lane.num_busy == 0
 
 
 def check_results(results: dict[int, Any], world: int, die_rank: int | None) -> None:
@@ -190,6 +202,7 @@ def check_results(results: dict[int, Any], world: int, die_rank: int | None) -> 
                                  for src in range(world)]  # fmt: skip
         prev = (rank - 1) % world
         assert res["ring"] == [[float(prev)] * 2] * (prev + 1)
+        assert res["arenas_acked"]
         if die_rank is not None:
             lost_rank, message, elapsed_s = res["lost"]
             assert lost_rank == die_rank and f"rank {die_rank}" in message
