@@ -11,7 +11,8 @@ best of 3 rounds), the ratio gloo/zmq, and what the slots gain (no slots / slots
 `--cold` times ops as a model step meets them instead: before each op every rank streams
 COLD_FLUSH_BYTES through its caches (as a step's weights and KV cache do), and the last rank
 arrives LATE_S after the others. Prints the median time of the last rank's call, i.e. what an
-op costs once everyone is there, with code and data evicted (8 per MoE decode step).
+op costs once everyone is there, with code and data evicted (the tiny Mixtral's decode step
+runs 8).
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def bench_size(
     checked equal.
 
     They alternate for ROUNDS rounds and each keeps its best round: on a shared machine,
-    other processes only ever add time.
+    other processes only ever add time. With `cold`, each is timed by `time_cold` instead.
     """
     send = torch.randn(world, size // 4)  # (W, n): row i goes to rank i
     recv = torch.empty_like(send)
