@@ -125,12 +125,19 @@ class Scheduler:
             budgets[w] -= num_new
             scheduled.append(ScheduledSeq(request, num_new, target == known, w, computed))
 
-        num_running = [0] * cfg.num_workers
-        decodes_left = [0] * cfg.num_workers  # per worker: outputs its requests may still make
+        if self.waiting and not preempted:
+            self._admit(budgets, scheduled)
+        self.step_id += 1
+        return SchedulerOutput(self.step_id, self._plans(scheduled), scheduled, preempted)
+
+    def _admit(self, budgets: list[int], scheduled: list[ScheduledSeq]) -> None:
+        """Place waiting requests, in order, while they fit (see `_place`)."""
+        num_running = [0] * self.config.num_workers
+        decodes_left = [0] * self.config.num_workers  # per worker: outputs it may still make
         for request in self.running:
             num_running[request.worker] += 1
             decodes_left[request.worker] += request.max_outputs_left
-        while self.waiting and not preempted:
+        while self.waiting:
             request = self.waiting[0]
             placed = self._place(request, budgets, num_running, decodes_left)
             if placed is None:
@@ -151,9 +158,6 @@ class Scheduler:
             scheduled.append(
                 ScheduledSeq(request, num_new, start + num_new == request.num_tokens, w, start)
             )
-
-        self.step_id += 1
-        return SchedulerOutput(self.step_id, self._plans(scheduled), scheduled, preempted)
 
     def _grow(
         self, request: Request, target: int, pending: deque[Request], preempted: list[Request]
