@@ -42,9 +42,11 @@ class Sampler:
         n = logits.shape[0]
         raw = logits
         logits = self._apply_penalties(logits, states)
-        tokens = torch.empty(n, dtype=torch.int64)
         greedy = [i for i, s in enumerate(states) if s.params.is_greedy]
         random = [i for i, s in enumerate(states) if not s.params.is_greedy]
+        if not random:  # all greedy, the common case: no rows gathered and scattered back
+            return self._logprobs(raw, logits.argmax(dim=-1), states)
+        tokens = torch.empty(n, dtype=torch.int64)
         if greedy:
             tokens[greedy] = logits[greedy].argmax(dim=-1)
         if random:
