@@ -166,28 +166,34 @@ class ModelRunner:
             n = len(seq.token_ids)
             start = len(token_ids)
             starts.append(start)
-            token_ids.extend(seq.token_ids)
-            pos = range(seq.start_pos, seq.start_pos + n)
-            positions.extend(pos)
-            blocks = seq.block_ids
-            slot_blocks.extend(blocks[p // bs] for p in pos)
-            context_len = seq.start_pos + n
-            if n == 1:
+            blocks, first = seq.block_ids, seq.start_pos
+            if n == 1:  # a decode, as most rows of most steps are
                 assert not prefills, "decode rows must come first in a plan"
+                token_ids.append(seq.token_ids[0])
+                positions.append(first)
+                slot_blocks.append(blocks[first // bs])
                 decode_tables.append(blocks)
-                decode_lens.append(context_len)
-            else:
-                used = -(-context_len // bs)
-                prefills.append(
-                    PrefillChunk(
-                        start,
-                        n,
-                        context_len,
-                        torch.tensor(blocks[:used], dtype=torch.int64, device=self.device),
-                    )
+                decode_lens.append(first + 1)
+                continue
+            token_ids.extend(seq.token_ids)
+            pos = range(first, first + n)
+            positions.extend(pos)
+            slot_blocks.extend(blocks[p // bs] for p in pos)
+            context_len = first + n
+            used = -(-context_len // bs)
+            prefills.append(
+                PrefillChunk(
+                    start,
+                    n,
+                    context_len,
+                    torch.tensor(blocks[:used], dtype=torch.int64, device=self.device),
                 )
+            )
         width = max((len(t) for t in decode_tables), default=1)
-        padded = [t + [0] * (width - len(t)) for t in decode_tables]  # unused entries: block 0
+        padded: list[int] = []  # (B * width) row by row; unused entries: block 0
+        for t in decode_tables:
+            padded += t
+            padded += [0] * (width - len(t))
         table = torch.tensor(padded, dtype=torch.int32).view(len(decode_tables), width)
         dev = self.device
         lens = torch.tensor(decode_lens, dtype=torch.int32, device=dev)
