@@ -67,9 +67,14 @@ def decode_rows(
     pages = block_tables.int()[used]  # (N,)
     seq_of_page = torch.arange(B).repeat_interleave(num_pages, output_size=N)  # (N,)
     first_page = torch.cumsum(num_pages, 0) - num_pages  # (B,) each sequence's first page
-    first_key = (torch.arange(N) - first_page[seq_of_page]) * bs  # (N,) in its sequence
-    past_end = (first_key - lens[seq_of_page])[:, None] + torch.arange(bs) >= 0  # (N, bs)
-    hidden_slots = past_end.view(-1).nonzero().squeeze(1)  # (K,) into the (N*bs) slots
+    # Hidden slots: the last page's slots past the context, [end, end + pad) for a sequence
+    # whose context ends at flat slot `end`; laid out back to back, slot k of the K is
+    # end + (k - where its sequence's run starts).
+    pad = (-lens) % bs  # (B,)
+    K = int(pad.sum())
+    run_starts = torch.cumsum(pad, 0) - pad  # (B,)
+    hidden_slots = (first_page * bs + lens - run_starts).repeat_interleave(pad, output_size=K)
+    hidden_slots += torch.arange(K)  # (K,) into the (N*bs) slots
     hidden = (torch.arange(Hk * G)[:, None] * (N * bs) + hidden_slots).view(-1)  # (Hk*G*K,)
     # Rows are built in int32 directly (the bound above keeps them in range): the index is
     # Hk*G*N*(D + bs) entries, and converting it from int64 cost more than building it.
