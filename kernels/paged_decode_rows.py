@@ -80,16 +80,17 @@ def decode_rows(
     # Hk*G*N*(D + bs) entries, and converting it from int64 cost more than building it.
     i32 = torch.int32
     head_pages = torch.arange(0, Hk * num_blocks, num_blocks, dtype=i32)[:, None] + pages
-    head_pages = head_pages[:, None, :, None]  # (Hk, 1, N, 1)
-    key_rows = (head_pages * D + torch.arange(D, dtype=i32)).expand(Hk, G, N, D)
-    value_rows = (head_pages * bs + torch.arange(bs, dtype=i32)).expand(Hk, G, N, bs)
+    head_pages = head_pages[:, None, :, None].expand(Hk, G, N, 1)
+    # each made in one pass, contiguous: (Hk, G, N, D) and (Hk, G, N, bs)
+    key_rows = head_pages * D + torch.arange(D, dtype=i32)
+    value_rows = head_pages * bs + torch.arange(bs, dtype=i32)
     seq_starts = (first_page * bs).int()  # (B,) first slot of each bag
     value_offsets = torch.arange(Hk * G, dtype=i32)[:, None] * (N * bs) + seq_starts
     return DecodeRows(
         seq_of_page=seq_of_page,
         hidden=hidden,
-        key_rows=key_rows.reshape(-1, D),
-        value_rows=value_rows.reshape(-1),
+        key_rows=key_rows.view(-1, D),
+        value_rows=value_rows.view(-1),
         value_offsets=value_offsets.reshape(-1),
     )
 
