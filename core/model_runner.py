@@ -110,9 +110,13 @@ class ModelRunner:
 
         sampled_seqs = [(s, r) for s, r in zip(plan.seqs, results) if s.sample]
         extra_logits = None
-        rows = torch.tensor(sample_rows + logit_rows, dtype=torch.int64, device=self.device)
-        if len(rows):
-            logits = self.model.logits(hidden[rows])  # (S + P, V) fp32
+        rows = sample_rows + logit_rows
+        if rows:
+            # Sample rows rise, one per sampling sequence: T of them are every row, in order
+            # (a decode step), and the hidden states need no gather.
+            if logit_rows or len(sample_rows) != hidden.shape[0]:
+                hidden = hidden[torch.tensor(rows, dtype=torch.int64, device=self.device)]
+            logits = self.model.logits(hidden)  # (S + P, V) fp32
             sample_logits = logits[: len(sample_rows)]
             if sampled_seqs:
                 states = [self.states[s.request_id] for s, _ in sampled_seqs]
