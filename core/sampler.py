@@ -49,13 +49,12 @@ class Sampler:
         tokens = torch.empty(n, dtype=torch.int64)
         if greedy:
             tokens[greedy] = logits[greedy].argmax(dim=-1)
-        if random:
-            idx = torch.tensor(random)
-            probs = self._probs(logits[idx], [states[i].params for i in random])  # (Nr, V)
-            noise = self._noise(
-                probs.shape, [states[i] for i in random], [num_generated[i] for i in random]
-            )
-            tokens[idx] = (probs / noise).argmax(dim=-1)
+        idx = torch.tensor(random)
+        probs = self._probs(logits[idx], [states[i].params for i in random])  # (Nr, V)
+        noise = self._noise(
+            probs.shape, [states[i] for i in random], [num_generated[i] for i in random]
+        )
+        tokens[idx] = (probs / noise).argmax(dim=-1)
         return self._logprobs(raw, tokens, states)
 
     # ------------------------------------------------------------------ steps
