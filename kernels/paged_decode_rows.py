@@ -67,13 +67,14 @@ def decode_rows(
     pages = block_tables.int()[used]  # (N,)
     seq_of_page = torch.arange(B).repeat_interleave(num_pages, output_size=N)  # (N,)
     first_page = torch.cumsum(num_pages, 0) - num_pages  # (B,) each sequence's first page
+    first_slot = first_page * bs  # (B,) and its first flat slot (where its value bag starts)
     # Hidden slots: the last page's slots past the context, [end, end + pad) for a sequence
     # whose context ends at flat slot `end`; laid out back to back, slot k of the K is
     # end + (k - where its sequence's run starts).
     pad = (-lens) % bs  # (B,)
     K = int(pad.sum())
     run_starts = torch.cumsum(pad, 0) - pad  # (B,)
-    hidden_slots = (first_page * bs + lens - run_starts).repeat_interleave(pad, output_size=K)
+    hidden_slots = (first_slot + lens - run_starts).repeat_interleave(pad, output_size=K)
     hidden_slots += torch.arange(K)  # (K,) into the (N*bs) slots
     hidden = (torch.arange(Hk * G)[:, None] * (N * bs) + hidden_slots).view(-1)  # (Hk*G*K,)
     # Rows are built in int32 directly (the bound above keeps them in range): the index is
@@ -84,8 +85,7 @@ def decode_rows(
     # each made in one pass, contiguous: (Hk, G, N, D) and (Hk, G, N, bs)
     key_rows = head_pages * D + torch.arange(D, dtype=i32)
     value_rows = head_pages * bs + torch.arange(bs, dtype=i32)
-    seq_starts = (first_page * bs).int()  # (B,) first slot of each bag
-    value_offsets = torch.arange(Hk * G, dtype=i32)[:, None] * (N * bs) + seq_starts
+    value_offsets = torch.arange(Hk * G, dtype=i32)[:, None] * (N * bs) + first_slot.int()
     return DecodeRows(
         seq_of_page=seq_of_page,
         hidden=hidden,
