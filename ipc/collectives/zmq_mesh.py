@@ -220,9 +220,8 @@ class ZmqMeshCollective(Collective):
         they are copied out."""
         # Only acks need draining (an early message waits for its op's receive), and asking
         # ZeroMQ costs ~50 µs in a model step (cold caches): ask only when an ack is due.
-        if self._slots is not None and self._shm.num_busy and self._inbox.get(zmq.EVENTS) & (
-            zmq.POLLIN
-        ):
+        acks_due = self._slots is not None and self._shm.num_busy > 0
+        if acks_due and self._inbox.get(zmq.EVENTS) & zmq.POLLIN:
             self._drain_inbox()
         seq, self._seq = self._seq, self._seq + 1
         deadline = time.monotonic() + self.timeout_s
