@@ -98,6 +98,24 @@ def decode_header(data: Any) -> TensorHeader:
         raise ValueError(f"malformed tensor header: {exc}") from exc
 
 
+def checked_dtype(header: TensorHeader, nbytes: int) -> torch.dtype:
+    """The dtype of the tensor `header` describes, checked against its data's size `nbytes`;
+    raises ValueError for an unknown dtype, a bad shape, or a size that does not match."""
+    entry = _DECODE.get(header.dtype)
+    if entry is None:
+        raise ValueError(f"unknown tensor dtype {header.dtype!r} in frame header")
+    shape = header.shape
+    if len(shape) > MAX_NDIM or any(dim < 0 for dim in shape):
+        raise ValueError(f"invalid tensor shape {shape} in frame header")
+    expected = math.prod(shape) * entry[1].itemsize
+    if nbytes != expected:
+        raise ValueError(
+            f"tensor frame holds {nbytes} bytes but header {header.dtype}{list(shape)} "
+            f"needs {expected}"
+        )
+    return entry[0]
+
+
 def tensor_from_buffer(header: TensorHeader, data: Any) -> torch.Tensor:
     """View `data` (bytes-like, e.g. a zmq.Frame) as the tensor `header` describes.
 
@@ -105,23 +123,11 @@ def tensor_from_buffer(header: TensorHeader, data: Any) -> torch.Tensor:
     tensor shares memory with `data` and keeps it alive. Raises ValueError if the header and
     buffer disagree.
     """
-    entry = _DECODE.get(header.dtype)
-    if entry is None:
-        raise ValueError(f"unknown tensor dtype {header.dtype!r} in frame header")
-    dtype, np_dtype, view_back = entry
-    shape = header.shape
-    if len(shape) > MAX_NDIM or any(dim < 0 for dim in shape):
-        raise ValueError(f"invalid tensor shape {shape} in frame header")
-    nbytes = memoryview(data).nbytes
-    expected = math.prod(shape) * np_dtype.itemsize
-    if nbytes != expected:
-        raise ValueError(
-            f"tensor frame holds {nbytes} bytes but header {header.dtype}{list(shape)} "
-            f"needs {expected}"
-        )
+    dtype = checked_dtype(header, memoryview(data).nbytes)
+    _, np_dtype, view_back = _DECODE[header.dtype]
     # NOTE: numpy, not torch, does the reshaping: one torch call per tensor is much cheaper
     # than several when a receive has just woken this process (cold caches).
-    array = np.frombuffer(data, dtype=np_dtype).reshape(shape)
+    array = np.frombuffer(data, dtype=np_dtype).reshape(header.shape)
     if not (array.flags.aligned and array.flags.writeable):
         array = array.copy()  # ZeroMQ may hand out small messages at odd addresses
     tensor = torch.from_numpy(array)

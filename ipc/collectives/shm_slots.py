@@ -18,12 +18,14 @@ sender's region. A message that travels through ZeroMQ instead leaves an OVERFLO
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import threading
 import time
 
 import numpy as np
+import torch
 
 from titanserve.ipc.collectives.shm_lane import map_shared_file
 
@@ -71,6 +73,9 @@ class ShmSlots:
         self._written = {dst: [-1] * _SLOTS for dst in range(world_size)}
         self._views: dict[tuple[int, int, int], np.ndarray] = {}
         self._bytes: dict[int, memoryview] = {rank: memoryview(self._mine)}
+        # base address of each region, for copies by memmove (one C call, no array objects)
+        self._anchors = {rank: ctypes.c_char.from_buffer(self._mine)}
+        self._address = {rank: ctypes.addressof(self._anchors[rank])}
 
     def attach(self) -> None:
         """Map every peer's region (they must all exist by now)."""
@@ -78,6 +83,8 @@ class ShmSlots:
             if src not in self._regions:
                 self._regions[src] = map_shared_file(region_path(self._prefix, src), 0, False)
                 self._bytes[src] = memoryview(self._regions[src])
+                self._anchors[src] = ctypes.c_char.from_buffer(self._regions[src])
+                self._address[src] = ctypes.addressof(self._anchors[src])
 
     def unlink(self) -> None:
         """Remove this rank's file (the mappings stay); safe to call twice."""
@@ -106,16 +113,18 @@ class ShmSlots:
 
     # ------------------------------------------------------------------ ops
     def put(self, dst: int, seq: int, message: tuple | None, deadline: float) -> bool:
-        """Write op `seq`'s message `(prefix, data)` (bytes-like; data lands 64-byte aligned)
-        to dst, or with `message` None a note that it comes through ZeroMQ. Returns False,
-        writing nothing, when it is larger than a slot. Raises TimeoutError when dst has not
-        freed the slot by `deadline`."""
-        if message is None:
-            prefix = data = _NOTHING
-        else:
-            prefix, data = (_flat_bytes(part) for part in message)
+        """Write op `seq`'s message `(prefix, data)` to dst (data lands 64-byte aligned), or
+        with `message` None a note that it comes through ZeroMQ. The prefix is bytes; the data
+        is bytes-like (a contiguous numpy array too) or a contiguous CPU tensor (copied from
+        its storage). Returns False, writing nothing, when it is larger than a slot. Raises
+        TimeoutError when dst has not freed the slot by `deadline`."""
+        prefix, data = (_NOTHING, _NOTHING) if message is None else message
+        tensor = isinstance(data, torch.Tensor)
+        if not tensor:
+            data = _flat_bytes(data)
+        data_size = data.nbytes
         data_start = _aligned(len(prefix))
-        if data_start + len(data) > self.slot_bytes:
+        if data_start + data_size > self.slot_bytes:
             return False
         k = seq % _SLOTS
         previous = self._written[dst][k]
@@ -123,19 +132,24 @@ class ShmSlots:
             _wait_at_least(self._ack_word(self.rank, dst), previous + 1, deadline)
         start = self._slot_offset(dst, seq) + _HEADER_BYTES
         self._mine[start : start + len(prefix)] = prefix
-        self._mine[start + data_start : start + data_start + len(data)] = data
+        if tensor:
+            if data_size:
+                ctypes.memmove(self._address[self.rank] + start + data_start, data.data_ptr(),
+                               data_size)  # fmt: skip
+        else:
+            self._mine[start + data_start : start + data_start + data_size] = data
         header = self._words(self.rank, start - _HEADER_BYTES, 3)  # tag, prefix and data sizes
         header[1] = OVERFLOW if message is None else len(prefix)
-        header[2] = len(data)
+        header[2] = data_size
         _fence()
         header[0] = seq + 1
         self._written[dst][k] = seq
         return True
 
-    def get(self, src: int, seq: int, deadline: float) -> tuple[memoryview, memoryview] | None:
-        """Op `seq`'s message from src as `(prefix, data)` views into the slot, valid until
-        `release(src, seq)`; None when it travels through ZeroMQ (release it too). Raises
-        TimeoutError when it has not come by `deadline`."""
+    def get(self, src: int, seq: int, deadline: float) -> tuple[memoryview, memoryview, int] | None:
+        """Op `seq`'s message from src as `(prefix, data)` views into the slot and the data's
+        address, valid until `release(src, seq)`; None when it travels through ZeroMQ (release
+        it too). Raises TimeoutError when it has not come by `deadline`."""
         offset = self._slot_offset(self.rank, seq)
         header = self._words(src, offset, 3)
         _wait_at_least(header, seq + 1, deadline)
@@ -146,8 +160,10 @@ class ShmSlots:
         data_start = _aligned(prefix_size)
         if data_start + data_size > self.slot_bytes:
             raise ValueError(f"rank {src} wrote {data_start + data_size} bytes into a slot")
-        slot = self._bytes[src][offset + _HEADER_BYTES : offset + self._stride]
-        return slot[:prefix_size], slot[data_start : data_start + data_size]
+        start = offset + _HEADER_BYTES
+        slot = self._bytes[src][start : offset + self._stride]
+        address = self._address[src] + start + data_start
+        return slot[:prefix_size], slot[data_start : data_start + data_size], address
 
     def release(self, src: int, seq: int) -> None:
         """Hand op `seq`'s slot back to src (after `get`; its views must no longer be read)."""
@@ -156,6 +172,8 @@ class ShmSlots:
     def close(self) -> None:
         self.unlink()
         self._views.clear()
+        self._anchors.clear()
+        self._address.clear()
         for view in self._bytes.values():
             _unless_in_use(view.release)
         for region in self._regions.values():

@@ -14,10 +14,11 @@ until that op runs, a message for an op already finished is a protocol bug (asse
 
 from __future__ import annotations
 
+import ctypes
+import math
 import struct
 import time
 
-import numpy as np
 import torch
 import zmq
 
@@ -26,7 +27,14 @@ from titanserve.ipc.collectives import mesh_sockets as ms
 from titanserve.ipc.collectives.shm_lane import ShmLane, arena_prefix, default_shm_dir
 from titanserve.ipc.collectives.shm_slots import ShmSlots
 from titanserve.ipc.errors import WorkerLost
-from titanserve.ipc.tensor_frames import decode_header, encode_tensor, tensor_from_buffer
+from titanserve.ipc.tensor_frames import (
+    checked_dtype,
+    decode_header,
+    encode_header,
+    tensor_buffer,
+    tensor_from_buffer,
+    tensor_header,
+)
 
 _HEAD = struct.Struct("<QHBH")  # op sequence number, source rank, op code, tensor header bytes
 _HELLO, _ALL_TO_ALL, _ALL_GATHER, _RING, _BARRIER, _ACK = range(6)
@@ -34,7 +42,7 @@ _OP_NAMES = ("hello", "all_to_all_v", "all_gather", "ring_send_recv", "barrier",
 _IN_SHM = 0x80  # op code flag: the data frame is a reference into the sender's arena
 _INLINE_MAX_BYTES = 128 << 10  # up to this, one frame (a copy) beats shared memory + ack
 _ZMQ_COPY_BELOW_BYTES = 256 << 10  # below this a copy beats zero-copy's release bookkeeping
-_EMPTY = np.empty(0, dtype=np.uint8)
+_EMPTY = torch.empty(0, dtype=torch.uint8)
 _HELLO_BODY = struct.Struct("<IB")  # world size, whether the sender made its slot region
 
 Frames = list  # of zmq.Frame, or [prefix, data] _SlotFrames for a message in a slot
@@ -45,8 +53,21 @@ class _SlotFrame:
 
     more = False
 
-    def __init__(self, data: memoryview) -> None:
+    def __init__(self, data: memoryview, address: int = 0) -> None:
         self.buffer = data
+        self.address = address  # of the data, for copying it out with one memmove
+
+
+def _wire(tensor: torch.Tensor) -> tuple[bytes, torch.Tensor]:
+    """(tensor header bytes, the tensor as a contiguous CPU tensor): what a message carries.
+    The data stays a tensor: a slot copies it by address, ZeroMQ takes a numpy view of it."""
+    if not (tensor.is_cpu and tensor.is_contiguous()):
+        tensor = tensor.detach().cpu().contiguous()
+    return encode_header(tensor_header(tensor)), tensor
+
+
+def _flat_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().reshape(-1).view(torch.uint8)
 
 
 def _to_device_of(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -201,21 +222,23 @@ class ZmqMeshCollective(Collective):
             "same order"
         )
 
-    def _send_large(self, seq: int, op: int, dst: int, header: bytes, data: np.ndarray):
+    def _send_large(self, seq: int, op: int, dst: int, header: bytes, data: torch.Tensor):
         """Send a tensor too big to inline: by shared memory if possible, else as a frame.
         With slots, `_put_in_slot` has already tried the lane for it: straight to a frame."""
         if self._shm is not None and self._slots is None:
-            ref = self._shm.write(dst, torch.from_numpy(data.reshape(-1).view(np.uint8)))
+            ref = self._shm.write(dst, _flat_bytes(data))
             if ref is not None:  # else every arena for dst is still held: send the bytes
                 head = _HEAD.pack(seq, self.rank, op | _IN_SHM, len(header)) + header
                 return self._outboxes[dst].send_multipart((head, ref))
         head = _HEAD.pack(seq, self.rank, op, len(header)) + header
-        return self._outboxes[dst].send_multipart((head, data), copy=False, track=True)
+        frame = tensor_buffer(data)
+        return self._outboxes[dst].send_multipart((head, frame), copy=False, track=True)
 
     def _exchange(
-        self, op: int, sends: list[tuple[int, bytes, np.ndarray]], sources: list[int]
+        self, op: int, sends: list[tuple[int, bytes, torch.Tensor]], sources: list[int]
     ) -> dict[int, Frames]:
-        """Send every (dst, tensor header, data) message, then receive one from each source.
+        """Send every (dst, tensor header, data) message (data from `_wire`), then receive one
+        from each source.
         Messages that came through slots are views into them: call `_release_slots` once
         they are copied out."""
         # Only acks need draining (an early message waits for its op's receive), and asking
@@ -236,7 +259,7 @@ class ZmqMeshCollective(Collective):
                                                                  deadline):  # fmt: skip
                     continue
                 if data.nbytes <= _INLINE_MAX_BYTES:  # one frame: head, header, bytes
-                    self._outboxes[dst].send(b"".join((head, header, data)))
+                    self._outboxes[dst].send(b"".join((head, header, tensor_buffer(data))))
                     continue
                 tracker = self._send_large(seq, op, dst, header, data)
                 if tracker is not None and not tracker.done:
@@ -256,9 +279,9 @@ class ZmqMeshCollective(Collective):
                 if data is None:
                     by_zmq.append(src)
                     continue
-                prefix, payload = data
+                prefix, payload, address = data
                 self._check_op(seq, op, src, _HEAD.unpack_from(prefix)[2])
-                received[src] = [_SlotFrame(prefix), _SlotFrame(payload)]
+                received[src] = [_SlotFrame(prefix), _SlotFrame(payload, address)]
         for src in by_zmq:
             frames = self._stash.pop((seq, src), None)
             if frames is not None:
@@ -289,7 +312,7 @@ class ZmqMeshCollective(Collective):
         then it must be sent through ZeroMQ."""
         if self._slots.put(dst, seq, (head + header, data), deadline):
             return True
-        ref = self._shm.write(dst, torch.from_numpy(data.reshape(-1).view(np.uint8)))
+        ref = self._shm.write(dst, _flat_bytes(data))
         if ref is not None:  # else every arena for dst is still held
             shm_head = _HEAD.pack(seq, self.rank, op | _IN_SHM, len(header))
             if self._slots.put(dst, seq, (shm_head + header, ref), deadline):
@@ -319,67 +342,93 @@ class ZmqMeshCollective(Collective):
             self._slots.release(src, seq)
         self._borrowed.clear()
 
-    def _tensor(self, src: int, frames: Frames, borrow: bool = False) -> torch.Tensor:
-        """Decode a received tensor: a view of the frame or of the sender's shared memory.
-        One in a slot is copied out, unless `borrow` (then it is valid until the slots are
-        released)."""
+    def _received(self, src: int, frames: Frames) -> tuple[torch.dtype, tuple, int, object]:
+        """A received tensor as (dtype, shape, address of its bytes, owner): owner is a tensor
+        viewing a frame or the sender's shared memory, or None for bytes in a slot (valid
+        until the slots are released)."""
         head = frames[0].buffer
         _, _, op, header_len = _HEAD.unpack_from(head)
         end = _HEAD.size + header_len
         header = decode_header(head[_HEAD.size : end])
         if len(frames) == 1:
-            return tensor_from_buffer(header, head[end:])
-        if len(frames) != 2 or len(head) != end:
+            tensor = tensor_from_buffer(header, head[end:])
+        elif len(frames) != 2 or len(head) != end:
             raise ValueError(f"malformed mesh message from rank {src}")
-        if not op & _IN_SHM:
+        elif op & _IN_SHM:
+            if self._shm is None:
+                raise ValueError(f"rank {src} sent a shared-memory reference over tcp://")
+            tensor = tensor_from_buffer(header, self._shm.read(src, frames[1].buffer))
+        elif isinstance(frames[1], _SlotFrame):
+            dtype = checked_dtype(header, len(frames[1].buffer))
+            return dtype, header.shape, frames[1].address, None
+        else:
             tensor = tensor_from_buffer(header, frames[1].buffer)
-            in_slot = isinstance(frames[1], _SlotFrame)
-            return tensor.clone() if in_slot and not borrow else tensor
-        if self._shm is None:
-            raise ValueError(f"rank {src} sent a shared-memory reference over tcp://")
-        return tensor_from_buffer(header, self._shm.read(src, frames[1].buffer))
+        return tensor.dtype, header.shape, tensor.data_ptr(), tensor
 
-    def _all_to_all(self, send: list[torch.Tensor], borrow: bool) -> dict[int, torch.Tensor]:
-        """What each peer sent here, checked against this rank's dtype and trailing dims."""
+    def _tensor(self, src: int, frames: Frames) -> torch.Tensor:
+        """Decode a received tensor: a view of the frame or of the sender's shared memory, or
+        a copy of a slot's bytes."""
+        dtype, shape, address, owner = self._received(src, frames)
+        if owner is not None:
+            return owner
+        tensor = torch.empty(shape, dtype=dtype)
+        if tensor.nbytes:
+            ctypes.memmove(tensor.data_ptr(), address, tensor.nbytes)
+        return tensor
+
+    def _send_all_to_all(self, send: list[torch.Tensor]) -> dict[int, Frames]:
+        """Exchange `all_to_all_v`'s messages: what each peer sent here, as frames."""
         if len(send) != self.world_size:
             raise ValueError(f"all_to_all_v needs {self.world_size} tensors, got {len(send)}")
-        mine = send[self.rank]
         peers = self._peers()
-        sends = [(dst, *encode_tensor(send[dst])) for dst in peers]
-        received = self._exchange(_ALL_TO_ALL, sends, peers)
-        tensors = {}
-        for src, frames in received.items():
-            tensor = self._tensor(src, frames, borrow)
-            if tensor.dtype != mine.dtype or tensor.shape[1:] != mine.shape[1:]:
-                raise ValueError(
-                    f"all_to_all_v: rank {src} sent {tensor.dtype}{list(tensor.shape)}, "
-                    f"rank {self.rank} sends {mine.dtype}{list(mine.shape)}; dtype and "
-                    "trailing dims must match"
-                )
-            tensors[src] = _to_device_of(tensor, mine)
-        return tensors
+        return self._exchange(_ALL_TO_ALL, [(dst, *_wire(send[dst])) for dst in peers], peers)
 
     def all_to_all_v(self, send: list[torch.Tensor]) -> list[torch.Tensor]:
         """See `Collective.all_to_all_v`."""
+        mine = send[self.rank] if len(send) == self.world_size else None
+        out = list(send)
         try:
-            received = self._all_to_all(send, borrow=False)
+            for src, frames in self._send_all_to_all(send).items():
+                tensor = self._tensor(src, frames)
+                _check_part(src, tensor.dtype, tensor.shape, self.rank, mine)
+                out[src] = _to_device_of(tensor, mine)
         finally:
             self._release_slots()
-        return [received.get(src, send[src]) for src in range(self.world_size)]
+        return out
 
     def all_to_all_cat(self, send: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
-        """See `Collective.all_to_all_cat`: slot messages are copied once, into the result."""
-        try:
-            received = self._all_to_all(send, borrow=True)
-            parts = [received.get(src, send[src]) for src in range(self.world_size)]
+        """See `Collective.all_to_all_cat`: each received message is copied once, into the
+        result (one memmove per part, straight out of a slot where it came by one)."""
+        if len(send) == self.world_size and not send[self.rank].is_cpu:
+            parts = self.all_to_all_v(send)
             return torch.cat(parts), [part.shape[0] for part in parts]
+        try:
+            received = self._send_all_to_all(send)
+            mine = send[self.rank].contiguous()
+            parts = []  # (rows, address, owner) in rank order
+            for src in range(self.world_size):
+                if src == self.rank:
+                    parts.append((mine.shape[0], mine.data_ptr(), mine))
+                    continue
+                dtype, shape, address, owner = self._received(src, received[src])
+                _check_part(src, dtype, shape, self.rank, mine)
+                parts.append((shape[0], address, owner))
+            counts = [rows for rows, _, _ in parts]
+            out = torch.empty((sum(counts), *mine.shape[1:]), dtype=mine.dtype)
+            row_bytes = math.prod(mine.shape[1:]) * mine.element_size()
+            at = out.data_ptr()
+            for rows, address, _ in parts:
+                if rows and row_bytes:
+                    ctypes.memmove(at, address, rows * row_bytes)
+                at += rows * row_bytes
+            return out, counts
         finally:
             self._release_slots()
 
     def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
         """See `Collective.all_gather`."""
         peers = self._peers()
-        header, data = encode_tensor(tensor)
+        header, data = _wire(tensor)
         gathered = [tensor] * self.world_size
         try:
             received = self._exchange(_ALL_GATHER, [(dst, header, data) for dst in peers], peers)
@@ -395,7 +444,7 @@ class ZmqMeshCollective(Collective):
             return tensor
         nxt, prev = (self.rank + 1) % self.world_size, (self.rank - 1) % self.world_size
         try:
-            received = self._exchange(_RING, [(nxt, *encode_tensor(tensor))], [prev])
+            received = self._exchange(_RING, [(nxt, *_wire(tensor))], [prev])
             return _to_device_of(self._tensor(prev, received[prev]), tensor)
         finally:
             self._release_slots()
@@ -425,3 +474,14 @@ class ZmqMeshCollective(Collective):
         if self._socket_dir is not None:
             ms.remove_dir_if_empty(self._socket_dir)
             self._socket_dir = None
+
+
+def _check_part(
+    src: int, dtype: torch.dtype, shape: tuple, rank: int, mine: torch.Tensor | None
+) -> None:
+    """An all-to-all part from src must match this rank's dtype and trailing dims."""
+    if mine is not None and (dtype != mine.dtype or tuple(shape[1:]) != tuple(mine.shape[1:])):
+        raise ValueError(
+            f"all_to_all_v: rank {src} sent {dtype}{list(shape)}, rank {rank} sends "
+            f"{mine.dtype}{list(mine.shape)}; dtype and trailing dims must match"
+        )

@@ -4,6 +4,7 @@ as two processes would."""
 
 from __future__ import annotations
 
+import ctypes
 import glob
 import threading
 import time
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from titanserve.ipc.collectives import shm_slots
 from titanserve.ipc.collectives.shm_slots import ShmSlots
@@ -44,11 +46,12 @@ def test_messages_round_trip_in_order_and_files_go(tmp_path: Path) -> None:
     for seq in range(5):  # both slots, each reused
         payload = np.arange(seq * 3, dtype=np.int32)  # seq 0: an empty array
         assert a.put(1, seq, (b"head", payload), soon())
-        prefix_view, data_view = b.get(0, seq, soon())
+        prefix_view, data_view, address = b.get(0, seq, soon())
         assert bytes(prefix_view) == b"head"
         assert np.array_equal(np.frombuffer(data_view, np.int32), payload)
         # the data is viewed in place, 64-byte aligned: a tensor can be built on it as is
-        assert np.frombuffer(data_view, np.uint8).ctypes.data % 64 == 0
+        assert np.frombuffer(data_view, np.uint8).ctypes.data == address
+        assert address % 64 == 0
         b.release(0, seq)
         assert b.put(0, seq, (bytes([seq]), b""), soon())
         assert take(a, 1, seq) == bytes([seq])
@@ -60,7 +63,7 @@ def test_a_view_holds_until_released_and_then_the_slot_is_reused(tmp_path: Path)
     a, b, _ = make_pair(tmp_path)
     a.put(1, 0, (b"", b"first"), soon())
     a.put(1, 1, (b"", b"second"), soon())
-    _, first = b.get(0, 0, soon())
+    _, first, _ = b.get(0, 0, soon())
     with pytest.raises(TimeoutError):  # slot 0 is still lent out to the reader
         a.put(1, 2, (b"", b"third!"), soon(0.05))
     assert bytes(first) == b"first"
@@ -68,6 +71,23 @@ def test_a_view_holds_until_released_and_then_the_slot_is_reused(tmp_path: Path)
     a.put(1, 2, (b"", b"third!"), soon())  # slot 0 again
     assert take(b, 0, 1) == b"second"
     assert take(b, 0, 2) == b"third!"
+
+
+def test_a_tensor_is_copied_from_its_storage(tmp_path: Path) -> None:
+    a, b, _ = make_pair(tmp_path, slot_bytes=256)
+    for seq, tensor in enumerate([
+        torch.arange(12, dtype=torch.float32).view(3, 4),
+        torch.empty(0, 4),
+        torch.tensor([1.5, -2.0], dtype=torch.bfloat16),  # a dtype numpy lacks
+    ]):  # fmt: skip
+        assert a.put(1, seq, (b"t", tensor), soon())
+        _, data, address = b.get(0, seq, soon())
+        assert len(data) == tensor.nbytes
+        copy = torch.empty_like(tensor)
+        ctypes.memmove(copy.data_ptr(), address, tensor.nbytes)
+        assert torch.equal(copy, tensor)
+        b.release(0, seq)
+    assert not a.put(1, 3, (b"t", torch.zeros(49, dtype=torch.float32)), soon())  # 64 + 196
 
 
 def test_too_big_writes_nothing_and_the_note_says_zeromq(tmp_path: Path) -> None:
