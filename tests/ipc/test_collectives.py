@@ -24,6 +24,7 @@ import torch
 from titanserve.ipc.collectives import Collective, create_collective
 from titanserve.ipc.collectives.mesh_sockets import ipc_endpoints, make_socket_dir
 from titanserve.ipc.collectives.shm_lane import arena_prefix
+from titanserve.ipc.collectives.zmq_mesh import ZmqMeshCollective
 from titanserve.ipc.errors import WorkerLost
 
 REPO_ROOT = str(Path(__file__).resolve().parents[2])
@@ -107,6 +108,15 @@ def _a2a_payload(src: int, dst: int, dtype: torch.dtype) -> torch.Tensor:
     return (torch.arange(rows * 3) + 100 * src + 10 * dst).reshape(rows, 3).to(dtype)
 
 
+def _strided(t: torch.Tensor) -> torch.Tensor:
+    """The same values, not contiguous (every other column of a wider tensor)."""
+    return torch.stack([t, t], dim=-1).flatten(-2)[..., ::2]
+
+
+def _dtype_of(rank: int) -> torch.dtype:
+    return torch.float32 if rank == 0 else torch.float64
+
+
 def exercise(rank: int, coll: Collective, die_rank: int | None) -> dict[str, Any]:
     """Every check in one group; returns plain values the parent compares exactly."""
     world = coll.world_size
@@ -121,6 +131,14 @@ def exercise(rank: int, coll: Collective, die_rank: int | None) -> dict[str, Any
         for k in range(3)
     ]
     result["a2a_cat"] = [(t.tolist(), counts) for t, counts in cats]
+    strided = [_strided(_a2a_payload(rank, dst, torch.bfloat16)) for dst in range(world)]
+    result["a2a_cat_bf16_strided"] = coll.all_to_all_cat(strided)[0].float().tolist()
+    if isinstance(coll, ZmqMeshCollective):  # a peer's part of another dtype: a clear error
+        try:
+            coll.all_to_all_cat([torch.zeros(1, 3, dtype=_dtype_of(rank)) for _ in range(world)])
+            result["a2a_cat_mismatch"] = None
+        except ValueError as exc:
+            result["a2a_cat_mismatch"] = str(exc)
     big_cat, big_counts = coll.all_to_all_cat([torch.full((1 << 15, 4), float(rank * world + dst))
                                                for dst in range(world)])  # fmt: skip
     result["a2a_cat_big"] = [(n, part.min().item(), part.max().item())
@@ -188,6 +206,14 @@ def check_results(results: dict[int, Any], world: int, die_rank: int | None) -> 
              .tolist(), [_split_rows(src, rank) for src in range(world)])
             for k in range(3)
         ]  # fmt: skip
+        expected_bf16 = [_a2a_payload(src, rank, torch.bfloat16) for src in range(world)]
+        assert res["a2a_cat_bf16_strided"] == torch.cat(expected_bf16).float().tolist()
+        if "a2a_cat_mismatch" in res:
+            peer = 1 if rank == 0 else 0
+            assert res["a2a_cat_mismatch"] == (
+                f"all_to_all_v: rank {peer} sent {_dtype_of(peer)}[1, 3], rank {rank} sends "
+                f"{_dtype_of(rank)}[1, 3]; dtype and trailing dims must match"
+            )
         big_value = [float(src * world + rank) for src in range(world)]
         assert res["a2a_cat_big"] == [(1 << 15, v, v) for v in big_value]
         assert res["a2a_empty"] == [[0, 4]] * world
