@@ -248,7 +248,7 @@ class Scheduler:
         taken = []
         for s in output.scheduled if worker is None else output.by_worker[worker]:
             r = s.request
-            if r.is_finished or r.status != RequestStatus.RUNNING:
+            if r.status is not RequestStatus.RUNNING:
                 continue  # ended, aborted or preempted while the step ran
             assert s.start == r.num_computed_tokens, "steps must be updated in order"
             r.num_computed_tokens += s.num_new_tokens
