@@ -179,7 +179,11 @@ class Engine:
     # ------------------------------------------------------------------ the loop
     def step(self) -> list[StepDelta]:
         t0 = time.perf_counter()
-        deltas = self._step()
+        try:
+            deltas = self._step()
+        finally:
+            if not self.has_unfinished() and self.executor is not None:
+                self.executor.release_cores()  # idle now: the engine thread may run anywhere
         self.step_time_s += time.perf_counter() - t0
         self.num_steps += 1
         return deltas

@@ -57,6 +57,8 @@ class EngineConfig:
     comm: str = "zmq"
     sp_threshold: int | None = None
     num_threads: int | None = None  # torch threads per worker on CPU
+    # Bind each CPU worker process to its own cores (see core.cpu_cores).
+    bind_cpu_cores: bool = True
     # One worker in this process (False) or in a process of its own (True; the server's
     # choice: a crashing model cannot take the scheduler down). None: own process iff W > 1.
     worker_processes: bool | None = None

@@ -59,5 +59,8 @@ class InProcessExecutor:
         plans, self._plans = self._plans, None
         yield 0, *self.runner.execute(plans[0])
 
+    def release_cores(self) -> None:
+        pass  # the model runs on the engine's own thread: nothing to follow
+
     def shutdown(self) -> None:
         self.runner = None

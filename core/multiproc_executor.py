@@ -27,6 +27,13 @@ import msgspec
 import zmq
 
 from titanserve.core.config import ModelConfig
+from titanserve.core.cpu_cores import (
+    EngineCoreFollower,
+    allowed_cores,
+    num_cores,
+    threads_per_worker,
+    worker_core_sets,
+)
 from titanserve.core.engine_config import EngineConfig
 from titanserve.core.errors import ConfigError, WorkerLost
 from titanserve.ipc.messages import (
@@ -63,9 +70,17 @@ def engine_core_is_spare(config: EngineConfig) -> bool:
     a worker: always on GPUs; on CPU only if the workers' torch threads leave one free."""
     if config.resolve_device(0).type != "cpu":
         return True
-    cores = os.cpu_count() or 1
-    threads = config.num_threads or max(1, cores // config.num_workers)
-    return cores - config.num_workers * threads >= 1
+    threads = threads_per_worker(config.num_threads, config.num_workers)
+    return num_cores() - config.num_workers * threads >= 1
+
+
+def worker_cores(config: EngineConfig) -> list[list[int]] | None:
+    """Each CPU worker's cores (see `core.cpu_cores`), or None: not bound."""
+    cores = allowed_cores()
+    if not config.bind_cpu_cores or cores is None or config.resolve_device(0).type != "cpu":
+        return None
+    threads = threads_per_worker(config.num_threads, config.num_workers)
+    return worker_core_sets(cores, config.num_workers, threads)
 
 
 class MultiProcExecutor:
@@ -85,6 +100,10 @@ class MultiProcExecutor:
         self.world_size = config.num_workers
         self.overlaps = engine_core_is_spare(config)
         self.runs_ahead = True  # workers queue plans: a step may be submitted before collect
+        core_sets = worker_cores(config)
+        # No core of its own: the engine works on each worker's cores in turn.
+        follow = core_sets is not None and not self.overlaps
+        self.follower = EngineCoreFollower(core_sets) if follow else None
         worker_config = dataclasses.replace(
             config, num_kv_blocks=num_blocks, max_model_len=max_model_len
         )
@@ -105,6 +124,7 @@ class MultiProcExecutor:
         self.procs = [
             subprocess.Popen(
                 [sys.executable, "-m", "titanserve.core.worker", self.run_dir, str(rank)]
+                + ([",".join(map(str, core_sets[rank]))] if core_sets else [])
             )
             for rank in range(self.world_size)
         ]
@@ -147,11 +167,13 @@ class MultiProcExecutor:
         step_id = self.in_flight.popleft()
         self.early = {key: v for key, v in self.early.items() if key[0] >= step_id}
         pending = set(range(self.world_size))
+        arrived: list[int] = []
         for rank in range(self.world_size):
             early = self.early.pop((step_id, rank), None)
             if early is not None:
                 pending.discard(rank)
-                yield rank, *early
+                arrived.append(rank)
+                yield self._near(rank), *early
         while pending:
             try:
                 rank, msg, frames = self._recv()
@@ -165,7 +187,22 @@ class MultiProcExecutor:
                 self.early[(msg.step_id, rank)] = (msg, logits)
             elif rank in pending:
                 pending.discard(rank)
-                yield rank, msg, logits
+                arrived.append(rank)
+                yield self._near(rank), msg, logits
+        # The engine plans the next step next: on the cores of the worker that came first,
+        # whose next step has started soonest.
+        self._near(arrived[0])
+
+    def _near(self, rank: int) -> int:
+        """Move the engine thread onto `rank`'s cores (where it follows them); returns rank."""
+        if self.follower is not None:
+            self.follower.move_to(rank)
+        return rank
+
+    def release_cores(self) -> None:
+        """Let the engine thread run anywhere again (it has no work left)."""
+        if self.follower is not None:
+            self.follower.release()
 
     def _await_ready(self) -> None:
         """Answer each Hello with LoadModel; wait (as long as heartbeats come) for WorkerReady."""
@@ -226,6 +263,7 @@ class MultiProcExecutor:
         if self._closed:
             return
         self._closed = True
+        self.release_cores()
         for rank, p in enumerate(self.procs):
             if p.poll() is None:
                 try:

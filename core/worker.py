@@ -18,6 +18,7 @@ import torch
 import zmq
 
 from titanserve.core.config import ModelConfig
+from titanserve.core.cpu_cores import bind_to, parse_core_list, threads_per_worker
 from titanserve.core.engine_config import EngineConfig
 from titanserve.core.model_runner import ModelRunner
 from titanserve.ipc.collectives import create_collective
@@ -51,10 +52,12 @@ def collective_options(config: EngineConfig, run_dir: str, port: int) -> dict:
     return {"init_method": f"tcp://127.0.0.1:{port}"}
 
 
-def worker_main(run_dir: str, rank: int) -> None:
+def worker_main(run_dir: str, rank: int, cores: list[int] | None = None) -> None:
     """Entry point of a worker process (started by MultiProcExecutor): say Hello, load what
-    LoadModel says, then serve plans until Shutdown."""
+    LoadModel says, then serve plans until Shutdown. `cores`: the CPU cores it runs on."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the engine process
+    if cores:
+        bind_to(cores)  # first, so that every thread it starts (ZeroMQ's, torch's) inherits it
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.IDENTITY, f"w{rank}".encode())
@@ -75,7 +78,9 @@ def worker_main(run_dir: str, rank: int) -> None:
         world = config.num_workers
         device = config.resolve_device(rank)
         if device.type == "cpu":
-            torch.set_num_threads(config.num_threads or max(1, (os.cpu_count() or 1) // world))
+            # bound: its cores are its share (the process now sees only those)
+            share = len(cores) if cores else threads_per_worker(None, world)
+            torch.set_num_threads(config.num_threads or share)
         else:  # kernels launch on the current device; collectives pick it too
             torch.cuda.set_device(device)
         model_cfg = ModelConfig.from_hf(model_path)
@@ -197,4 +202,5 @@ def _serve(
 if __name__ == "__main__":
     import sys
 
-    worker_main(sys.argv[1], int(sys.argv[2]))
+    cores = parse_core_list(sys.argv[3]) if len(sys.argv) > 3 else None
+    worker_main(sys.argv[1], int(sys.argv[2]), cores)

@@ -118,6 +118,14 @@ def _engine_flags() -> argparse.ArgumentParser:
     g.add_argument("--comm", choices=("zmq", "torch"), help="worker transport")
     g.add_argument("--sp-threshold", type=positive_int, help="prompt length for sequence parallel")
     g.add_argument("--num-threads", type=positive_int, help="torch threads per worker (CPU)")
+    g.add_argument(
+        "--no-bind-cpu-cores",
+        dest="bind_cpu_cores",
+        action="store_const",
+        const=False,
+        default=None,
+        help="let CPU worker processes run on any core (default: each on its own)",
+    )
     g.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
     return p
 

@@ -24,6 +24,7 @@ ENGINE_FIELDS = (
     "comm",
     "sp_threshold",
     "num_threads",
+    "bind_cpu_cores",
     "device",
     "seed",
 )

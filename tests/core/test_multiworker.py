@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from titanserve import LLM, SamplingParams
+from titanserve.core.cpu_cores import allowed_cores, threads_per_worker, worker_core_sets
 from titanserve.core.errors import WorkerLost
 from titanserve.launcher.tiny_models import make_tiny
 
@@ -46,16 +47,31 @@ def hf_reference(path: str, token_lists: list[list[int]], max_tokens: int):
     return logits, tokens
 
 
-def check_against_hf(path: str, num_workers: int, comm: str) -> None:
+def check_against_hf(path: str, num_workers: int, comm: str, bind: bool = True) -> None:
     token_lists = prompts()
     ref_logits, ref_tokens = hf_reference(path, token_lists, max_tokens=12)
     with LLM(path, num_workers=num_workers, comm=comm, progress=False,
-             max_num_batched_tokens=64) as llm:
+             max_num_batched_tokens=64, bind_cpu_cores=bind) as llm:
         greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
         outs = llm.generate(token_lists, greedy)
         assert [o.token_ids for o in outs] == ref_tokens
+        check_cpu_cores(llm, num_workers, bind)
         for ours, ref in zip(llm.prompt_logits(token_lists), ref_logits):
             assert (ours - ref).abs().max().item() <= 1e-4
+
+
+def check_cpu_cores(llm: LLM, num_workers: int, bind: bool) -> None:
+    """On CPU each worker runs on its own cores (unless not bound), and the engine thread,
+    which works on the workers' cores while they run, may run anywhere again once idle."""
+    if llm.engine.config.resolve_device(0).type != "cpu":
+        return
+    cores = allowed_cores()
+    expected = [cores] * num_workers
+    if bind:
+        expected = worker_core_sets(cores, num_workers, threads_per_worker(None, num_workers))
+    procs = llm.engine.executor.procs
+    assert [sorted(os.sched_getaffinity(p.pid)) for p in procs] == expected
+    assert sorted(os.sched_getaffinity(0)) == cores
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2-moe", "qwen3-moe"])
@@ -68,7 +84,7 @@ def test_four_workers_zmq_match_transformers(tmp_path_factory):
 
 
 def test_torch_distributed_backend_matches_transformers(tmp_path_factory):
-    check_against_hf(tiny("qwen2-moe", tmp_path_factory), 2, "torch")
+    check_against_hf(tiny("qwen2-moe", tmp_path_factory), 2, "torch", bind=False)
 
 
 @pytest.mark.slow
@@ -169,6 +185,7 @@ def test_engine_overlaps_output_processing_only_with_a_spare_core(
     from titanserve.core.multiproc_executor import engine_core_is_spare
 
     monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
     config = EngineConfig(model="m", num_workers=workers, num_threads=threads, device="cpu")
     assert engine_core_is_spare(config) is spare
 
