@@ -171,19 +171,27 @@ class Engine:
         if tracker is None:
             return None
         self.scheduler.finish(tracker.request, "abort")
+        self._release_cores()
         return self._finalize(tracker, "abort")
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._pending)
+
+    def _release_cores(self, idle_only: bool = True) -> None:
+        """Once idle, the engine thread (it works on the workers' cores where no core is
+        spare, see core.cpu_cores) may run anywhere again."""
+        if self.executor is not None and not (idle_only and self.has_unfinished()):
+            self.executor.release_cores()
 
     # ------------------------------------------------------------------ the loop
     def step(self) -> list[StepDelta]:
         t0 = time.perf_counter()
         try:
             deltas = self._step()
-        finally:
-            if not self.has_unfinished() and self.executor is not None:
-                self.executor.release_cores()  # idle now: the engine thread may run anywhere
+        except BaseException:
+            self._release_cores(idle_only=False)  # the caller may not step again
+            raise
+        self._release_cores()
         self.step_time_s += time.perf_counter() - t0
         self.num_steps += 1
         return deltas

@@ -69,8 +69,16 @@ def check_cpu_cores(llm: LLM, num_workers: int, bind: bool) -> None:
     expected = [cores] * num_workers
     if bind:
         expected = worker_core_sets(cores, num_workers, threads_per_worker(None, num_workers))
-    procs = llm.engine.executor.procs
-    assert [sorted(os.sched_getaffinity(p.pid)) for p in procs] == expected
+    executor = llm.engine.executor
+    assert [sorted(os.sched_getaffinity(p.pid)) for p in executor.procs] == expected
+    assert sorted(os.sched_getaffinity(0)) == cores
+    stream = llm.stream([[5, 6, 7]], SamplingParams(max_tokens=50, ignore_eos=True))
+    next(stream)  # mid-request: the engine thread is on a worker's cores, if it follows them
+    follower = executor.follower
+    assert (follower is not None) == (bind and not executor.overlaps)
+    if follower is not None:
+        assert os.sched_getaffinity(0) == follower.core_sets[follower.at]
+    stream.close()  # aborts the request: the engine is idle again
     assert sorted(os.sched_getaffinity(0)) == cores
 
 
