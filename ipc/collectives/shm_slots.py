@@ -120,7 +120,9 @@ class ShmSlots:
         TimeoutError when dst has not freed the slot by `deadline`."""
         prefix, data = (_NOTHING, _NOTHING) if message is None else message
         tensor = isinstance(data, torch.Tensor)
-        if not tensor:
+        if tensor:
+            assert data.is_cpu and data.is_contiguous(), "a slot copies a tensor's storage as is"
+        else:
             data = _flat_bytes(data)
         data_size = data.nbytes
         data_start = _aligned(len(prefix))
