@@ -135,6 +135,19 @@ def test_engine_errors_print_one_error_line(tiny_llama):
     assert_one_error_line(too_small, "KV cache of 1 blocks")
 
 
+def test_engine_flags_become_llm_keywords_and_only_those_given():
+    from titanserve.launcher.cli import build_parser
+    from titanserve.launcher.commands_run import engine_kwargs
+
+    parse = build_parser().parse_args
+    flags = ["--no-bind-cpu-cores", "--num-threads", "3", "--no-async-scheduling"]
+    args = parse(["generate", "m", "--prompt", "x", *flags])
+    assert engine_kwargs(args) == {
+        "bind_cpu_cores": False, "num_threads": 3, "async_scheduling": False,
+    }  # fmt: skip
+    assert engine_kwargs(parse(["generate", "m", "--prompt", "x"])) == {}
+
+
 def test_keygen_writes_a_private_secret(tmp_path):
     script = Path(sys.executable).parent / "titanserve"  # the console script, when installed
     cmd = [str(script)] if script.exists() else CLI
