@@ -89,9 +89,10 @@ class ShmLane:
         return f"{self._prefix}-{src}to{dst}-a{arena_id}"
 
     def write(self, dst: int, data: torch.Tensor) -> bytes | None:
-        """Copy `data` (flat uint8) into a free arena for dst and return the reference to send;
-        None when every arena for dst is still held, or the tmpfs has no room for a new one
-        (send the bytes another way)."""
+        """Copy the bytes of `data` (a contiguous CPU tensor) into a free arena for dst and
+        return the reference to send; None when every arena for dst is still held, or the
+        tmpfs has no room for a new one (send the bytes another way)."""
+        data = data.detach().reshape(-1).view(torch.uint8)
         size = data.numel()
         arenas = self._out.setdefault(dst, [])
         free = [arena for arena in arenas if not arena.busy]

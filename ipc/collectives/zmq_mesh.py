@@ -66,10 +66,6 @@ def _wire(tensor: torch.Tensor) -> tuple[bytes, torch.Tensor]:
     return encode_header(tensor_header(tensor)), tensor
 
 
-def _flat_bytes(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.detach().reshape(-1).view(torch.uint8)
-
-
 def _to_device_of(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return tensor if like.is_cpu else tensor.to(like.device)  # no torch call in the CPU case
 
@@ -226,7 +222,7 @@ class ZmqMeshCollective(Collective):
         """Send a tensor too big to inline: by shared memory if possible, else as a frame.
         With slots, `_put_in_slot` has already tried the lane for it: straight to a frame."""
         if self._shm is not None and self._slots is None:
-            ref = self._shm.write(dst, _flat_bytes(data))
+            ref = self._shm.write(dst, data)
             if ref is not None:  # else every arena for dst is still held: send the bytes
                 head = _HEAD.pack(seq, self.rank, op | _IN_SHM, len(header)) + header
                 return self._outboxes[dst].send_multipart((head, ref))
@@ -312,7 +308,7 @@ class ZmqMeshCollective(Collective):
         then it must be sent through ZeroMQ."""
         if self._slots.put(dst, seq, (head + header, data), deadline):
             return True
-        ref = self._shm.write(dst, _flat_bytes(data))
+        ref = self._shm.write(dst, data)
         if ref is not None:  # else every arena for dst is still held
             shm_head = _HEAD.pack(seq, self.rank, op | _IN_SHM, len(header))
             if self._slots.put(dst, seq, (shm_head + header, ref), deadline):
