@@ -38,9 +38,6 @@ def resolve_model_path(model: str) -> Path:
     return path
 
 
-_NO_EXTRAS = (None, None, None)  # a SeqResult's logprob, logits row, prompt logits rows
-
-
 @dataclass
 class _Tracker:
     request: Request
@@ -260,8 +257,6 @@ class Engine:
             taken = [(r.request_id, t) for r, t in self.scheduler.update(out, sampled, rank)]
             taken_ids = {rid for rid, _ in taken}
             for seq in result.seqs:
-                if (seq.logprob, seq.logits_row, seq.prompt_logits_rows) == _NO_EXTRAS:
-                    continue  # a token and nothing else, as most are
                 tracker = self.trackers.get(seq.request_id)
                 if tracker is not None:
                     self._collect(tracker, seq, logits, seq.request_id in taken_ids)
