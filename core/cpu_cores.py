@@ -58,15 +58,15 @@ class EngineCoreFollower:
     and back to where it was allowed to run once it has no work left."""
 
     def __init__(self, core_sets: list[list[int]]) -> None:
-        self.core_sets = [set(cores) for cores in core_sets]
-        self.home = set(allowed_cores() or ())
+        self.core_sets = core_sets
+        self.home = allowed_cores() or []
         self.at: int | None = None  # the worker whose cores the engine thread is on
 
     def move_to(self, rank: int) -> None:
-        if self.at != rank and bind_to(sorted(self.core_sets[rank])):
+        if self.at != rank and bind_to(self.core_sets[rank]):
             self.at = rank
 
     def release(self) -> None:
         if self.at is not None:
-            bind_to(sorted(self.home))
+            bind_to(self.home)
             self.at = None

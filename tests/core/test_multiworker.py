@@ -77,7 +77,7 @@ def check_cpu_cores(llm: LLM, num_workers: int, bind: bool) -> None:
     follower = executor.follower
     assert (follower is not None) == (bind and not executor.overlaps)
     if follower is not None:
-        assert os.sched_getaffinity(0) == follower.core_sets[follower.at]
+        assert os.sched_getaffinity(0) == set(follower.core_sets[follower.at])
     stream.close()  # aborts the request: the engine is idle again
     assert sorted(os.sched_getaffinity(0)) == cores
 
