@@ -78,11 +78,7 @@ def tensor_buffer(tensor: torch.Tensor) -> np.ndarray:
 
 def encode_tensor(tensor: torch.Tensor) -> tuple[bytes, np.ndarray]:
     """Encode `tensor` as (header bytes, data buffer); send both, the data with copy=False."""
-    name = _DTYPE_NAMES.get(tensor.dtype)
-    if name is None:
-        raise ValueError(f"tensor dtype {tensor.dtype} cannot travel as a frame")
-    data = tensor_buffer(tensor)
-    return _header_encoder.encode(TensorHeader(name, data.shape)), data
+    return encode_header(tensor_header(tensor)), tensor_buffer(tensor)
 
 
 def encode_header(header: TensorHeader) -> bytes:
