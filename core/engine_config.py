@@ -92,13 +92,19 @@ class EngineConfig:
         return parse_dtype(self.dtype)
 
     def resolve_device(self, rank: int = 0) -> torch.device:
+        """Worker `rank`'s device. Where no GPU index is named ("auto" on a GPU machine, or
+        "cuda"), the workers take the visible GPUs in turn."""
         import torch
 
-        if self.device == "auto":
-            if torch.cuda.is_available():
-                return torch.device("cuda", rank % torch.cuda.device_count())
+        if self.device != "auto":
+            device = torch.device(self.device)
+        elif torch.cuda.is_available():
+            device = torch.device("cuda")
+        else:
             return torch.device("cpu")
-        return torch.device(self.device)
+        if device.type == "cuda" and device.index is None:
+            return torch.device("cuda", rank % max(1, torch.cuda.device_count()))
+        return device
 
     def resolve_max_model_len(self, model: ModelConfig) -> int:
         if self.max_model_len is None:

@@ -198,6 +198,21 @@ def test_engine_overlaps_output_processing_only_with_a_spare_core(
     assert engine_core_is_spare(config) is spare
 
 
+@pytest.mark.parametrize(
+    "device,expected",
+    [("cuda", ["cuda:0", "cuda:1", "cuda:0"]), ("auto", ["cuda:0", "cuda:1", "cuda:0"]),
+     ("cuda:1", ["cuda:1"] * 3), ("cpu", ["cpu"] * 3)],
+)
+def test_workers_without_a_named_gpu_take_the_gpus_in_turn(monkeypatch, device, expected):
+    # the first GPU run failed here: torch.cuda.set_device refuses "cuda" with no index
+    from titanserve.core.engine_config import EngineConfig
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    config = EngineConfig(model="m", num_workers=3, device=device)
+    assert [str(config.resolve_device(rank)) for rank in range(3)] == expected
+
+
 def test_stopped_worker_is_lost_when_its_heartbeats_stop(tmp_path_factory, monkeypatch):
     """A SIGSTOPped process still exists and there are no collectives in a dense model, so
     only the missing heartbeats can tell; an idle pause longer than the timeout is fine."""
