@@ -24,6 +24,7 @@ from titanserve.core.request import Request
 from titanserve.core.sampling_params import SamplingParams
 from titanserve.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from titanserve.core.tokenizer import IncrementalDetokenizer, Tokenizer
+from titanserve.core.warmup import warm_up
 
 
 def resolve_model_path(model: str) -> Path:
@@ -99,6 +100,12 @@ class Engine:
         self.async_scheduling = config.async_scheduling and self.executor.runs_ahead
         self._ahead: SchedulerOutput | None = None
         self._undelivered: list[StepDelta] = []  # made by a step that then failed
+        if config.resolve_warmup(device):
+            try:
+                warm_up(self)
+            except BaseException:
+                self.shutdown()
+                raise
 
     def _make_executor(self):
         c = self.config

@@ -63,6 +63,9 @@ class EngineConfig:
     # choice: a crashing model cannot take the scheduler down). None: own process iff W > 1.
     worker_processes: bool | None = None
     progress: bool = True
+    # Compile the GPU kernels at start, on throw-away requests (core.warmup). None: on CUDA,
+    # where the kernels are compiled; the torch path on CPU has nothing to compile.
+    warmup: bool | None = None
 
     def __post_init__(self) -> None:
         canonical_dtype_name(self.dtype)
@@ -105,6 +108,9 @@ class EngineConfig:
         if device.type == "cuda" and device.index is None:
             return torch.device("cuda", rank % max(1, torch.cuda.device_count()))
         return device
+
+    def resolve_warmup(self, device: torch.device) -> bool:
+        return device.type == "cuda" if self.warmup is None else self.warmup
 
     def resolve_max_model_len(self, model: ModelConfig) -> int:
         if self.max_model_len is None:

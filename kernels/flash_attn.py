@@ -122,7 +122,7 @@ def _attend_blocks(
     return acc, l_i, m_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Tq", "Tk", "q_offset"])  # see core.warmup
 def _flash_attn_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
     Tq, Tk, Hq, D, group, q_offset, scale_log2,

@@ -191,7 +191,7 @@ def get_config(T: int, E: int, N: int, K: int, top_k: int, x: torch.Tensor) -> d
     return next(cfg for bound, cfg in _DEFAULT_CONFIGS if bound is None or per_expert <= bound)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])  # see core.warmup
 def _gate_up_kernel(
     x_ptr, w_ptr, bias_ptr, inter_ptr, sorted_ids_ptr, block_expert_ids_ptr,
     num_pairs, top_k, H, inter_size,
@@ -237,7 +237,7 @@ def _gate_up_kernel(
     tl.store(out_ptrs, h.to(inter_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])
 def _down_kernel(
     inter_ptr, w_ptr, bias_ptr, topk_weights_ptr, out_ptr, sorted_ids_ptr, block_expert_ids_ptr,
     num_pairs, H, inter_size, stride_we, stride_wn, stride_be,

@@ -31,7 +31,7 @@ def lse_merge_torch(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tenso
 
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "num_rows"])  # see core.warmup
 def _lse_merge_kernel(
     outs_ptr, lses_ptr, out_ptr, lse_ptr, N, num_rows, D,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -79,7 +79,7 @@ def lse_merge_triton(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tens
     if num_rows == 0 or D == 0:
         return out.zero_(), lse.fill_(float("-inf"))
     block_d = next_pow2(D)
-    block_r = max(1, min(64, 4096 // block_d, next_pow2(num_rows)))
+    block_r = max(1, min(64, 4096 // block_d))  # not from num_rows: one compile per D
     _lse_merge_kernel[(cdiv(num_rows, block_r),)](
         outs, lses, out, lse, N, num_rows, D, BLOCK_R=block_r, BLOCK_D=block_d,
     )

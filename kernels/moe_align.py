@@ -58,7 +58,7 @@ def moe_align_torch(
 
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])  # see core.warmup
 def _count_kernel(ids_ptr, counts_ptr, num_pairs, BLOCK: tl.constexpr):
     expert = tl.program_id(0)
     hits = tl.zeros((BLOCK,), tl.int32)
@@ -69,7 +69,7 @@ def _count_kernel(ids_ptr, counts_ptr, num_pairs, BLOCK: tl.constexpr):
     tl.store(counts_ptr + expert, tl.sum(hits, axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])
 def _scatter_kernel(
     ids_ptr, counts_ptr, expert_map_ptr, sorted_ids_ptr, block_expert_ids_ptr,
     num_pairs, num_experts, block_m,
@@ -115,7 +115,7 @@ def align_blocks(
     block_expert_ids = torch.full((P // block_m,), -1, dtype=torch.int32, device=device)
     counts = torch.zeros(num_experts, dtype=torch.int32, device=device)  # (E,)
     if num_pairs > 0:
-        block = min(1024, next_pow2(num_pairs))
+        block = 1024  # not from num_pairs: one compile whatever the batch (see core.warmup)
         _count_kernel[(num_experts,)](ids, counts, num_pairs, BLOCK=block)
         _scatter_kernel[(num_experts,)](
             ids, counts, expert_map if expert_map is not None else ids, sorted_ids,

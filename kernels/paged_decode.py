@@ -128,7 +128,7 @@ def _decode_group(q, k_cache, v_cache, block_tables, context_lens, scale):
 LOG2E = 1.4426950408889634
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "stride_bt"])  # see core.warmup
 def _paged_decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr, lse_ptr,
     B, Hq, D, group, block_size, keys_per_split, scale_log2,

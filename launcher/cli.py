@@ -127,6 +127,11 @@ def _engine_flags() -> argparse.ArgumentParser:
         help="let CPU worker processes run on any core (default: each on its own)",
     )
     g.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
+    g.add_argument(
+        "--warmup",
+        action=argparse.BooleanOptionalAction,
+        help="compile the GPU kernels at start, on throw-away requests (default: on CUDA)",
+    )
     return p
 
 

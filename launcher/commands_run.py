@@ -26,6 +26,7 @@ ENGINE_FIELDS = (
     "num_threads",
     "bind_cpu_cores",
     "device",
+    "warmup",
     "seed",
 )
 
