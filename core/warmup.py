@@ -9,8 +9,9 @@ engine's limits, then forgets them: their prefix-cache entries and the engine's 
 
 The launchers' sizes are powers of two or buckets bounded by them, and the kernels take the
 sizes that change every step as plain ints (`do_not_specialize`), so these shapes cover what
-serving meets. Only an expert-parallel rank's token count after dispatch is not chosen here;
-a bucket that the warm-up's routing never sent it compiles on first use.
+serving meets. Two cases are not covered: an expert-parallel rank's token count after
+dispatch, which routing decides, and a tuned fused-MoE table keyed by token counts that are
+not powers of two. A tile bucket the warm-up never reached compiles on first use.
 """
 
 from __future__ import annotations
