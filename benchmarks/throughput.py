@@ -73,7 +73,7 @@ def _titanserve_once(
         ]
         llm.generate([requests[0][0][:16]], params[0])  # warm-up (one-time costs)
         engine = llm.engine
-        engine.step_time_s = engine.compute_time_s = 0.0  # count the timed run only
+        engine.reset_stats()  # count the timed run only
         big_batch = _time_big_batch_steps(engine)
         start = time.perf_counter()
         outputs = llm.generate([p for p, _ in requests], params)

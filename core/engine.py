@@ -200,6 +200,11 @@ class Engine:
         self.num_steps += 1
         return deltas
 
+    def reset_stats(self) -> None:
+        """Zero the step counters (steps, their wall time and model compute)."""
+        self.step_time_s = self.compute_time_s = 0.0
+        self.num_steps = 0
+
     @property
     def overhead_fraction(self) -> float:
         """Share of step wall time outside model compute: scheduling, IPC, collectives,

@@ -237,6 +237,12 @@ class Scheduler:
             self._finished_ids = [[] for _ in self.block_managers]
         return plans
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix, on every worker, and the hit rate counted so far."""
+        for block_manager in self.block_managers:
+            block_manager.reset_prefix_cache()
+        self.num_placed_tokens = self.num_cached_tokens = 0
+
     # ------------------------------------------------------------------ update
     def update(
         self, output: SchedulerOutput, sampled: dict[str, int], worker: int | None = None

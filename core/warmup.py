@@ -71,9 +71,6 @@ def warm_up(engine: Engine) -> int:
         while engine.has_unfinished():
             engine.step()
     steps = engine.num_steps
-    for block_manager in engine.scheduler.block_managers:
-        block_manager.reset_prefix_cache()
-    engine.scheduler.num_placed_tokens = engine.scheduler.num_cached_tokens = 0
-    engine.step_time_s = engine.compute_time_s = 0.0
-    engine.num_steps = 0
+    engine.scheduler.reset_prefix_cache()
+    engine.reset_stats()
     return steps
