@@ -55,18 +55,22 @@ def make_requests(
 
 
 def run_titanserve(
-    path: Path, requests: list[Request], workers: int, dtype: str, device: str, repeat: int = 1
+    path: Path, requests: list[Request], workers: int, dtype: str, device: str, repeat: int = 1,
+    **options,
 ) -> dict:
-    """Best of `repeat` runs, each a fresh engine (a warm prefix cache would flatter it)."""
-    runs = [_titanserve_once(path, requests, workers, dtype, device) for _ in range(repeat)]
+    """Best of `repeat` runs, each a fresh engine (a warm prefix cache would flatter it).
+    `options`: more `LLM` keywords."""
+    runs = [_titanserve_once(path, requests, workers, dtype, device, **options)
+            for _ in range(repeat)]
     return min(runs, key=lambda r: r["elapsed_s"])
 
 
 def _titanserve_once(
-    path: Path, requests: list[Request], workers: int, dtype: str, device: str
+    path: Path, requests: list[Request], workers: int, dtype: str, device: str, **options
 ) -> dict:
     """Time `LLM.generate` on all requests at once (after a warm-up request)."""
-    llm = LLM(str(path), dtype=dtype, num_workers=workers, device=device, progress=False)
+    llm = LLM(str(path), dtype=dtype, num_workers=workers, device=device, progress=False,
+              **options)
     try:
         params = [
             SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for _, n in requests
@@ -160,7 +164,7 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
 def _row(label: str, result: dict, extra: str = "") -> None:
     rate = result["tokens"] / result["elapsed_s"]
     print(
-        f"  {label:<26}{result['tokens']:>7} tok {result['elapsed_s']:>8.2f} s "
+        f"  {label:<31}{result['tokens']:>7} tok {result['elapsed_s']:>8.2f} s "
         f"{rate:>9.1f} tok/s{extra}",
         flush=True,
     )
@@ -180,12 +184,16 @@ def bench_tiny(name: str, workers: list[int], args: argparse.Namespace, tmp: Pat
         _row(f"transformers (batch {batch_size})", hf_runs[-1])
     hf = min(hf_runs, key=lambda r: r["elapsed_s"])  # the fastest batch size is the baseline
     hf_rate = hf["tokens"] / hf["elapsed_s"]
-    for w in workers:
-        label = f"titanserve ({w} worker{'s' * (w > 1)})"
+    runs = [(w, False) for w in workers]
+    if args.eager_too and args.device == "cuda":
+        runs += [(w, True) for w in workers]
+    for w, eager in runs:
+        label = f"titanserve ({w} worker{'s' * (w > 1)}{', eager' * eager})"
         try:
-            ts = run_titanserve(path, requests, w, "float32", args.device, args.repeat)
+            ts = run_titanserve(path, requests, w, "float32", args.device, args.repeat,
+                                enforce_eager=eager)
         except Exception as e:  # one broken configuration must not hide the others' numbers
-            print(f"  {label:<26}FAILED: {type(e).__name__}: {e}", flush=True)
+            print(f"  {label:<31}FAILED: {type(e).__name__}: {e}", flush=True)
             continue
         extra = f"  x{ts['tokens'] / ts['elapsed_s'] / hf_rate:.2f} vs best HF"
         extra += f"  agree {agreement(ts['token_ids'], hf['token_ids']):.0%}"
@@ -226,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeat", type=int, default=1, help="best of N runs (noisy hosts)")
     parser.add_argument("--smollm2", action="store_true", help="add SmolLM2-135M bf16 b1/b8")
+    parser.add_argument("--eager-too", action="store_true",
+                        help="on CUDA, also time titanserve without CUDA graphs")
     parser.add_argument("--device", choices=["cpu", "cuda"],
                         default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where both engines run (default: cuda when there is one)")

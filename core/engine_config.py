@@ -66,6 +66,9 @@ class EngineConfig:
     # Compile the GPU kernels at start, on throw-away requests (core.warmup). None: on CUDA,
     # where the kernels are compiled; the torch path on CPU has nothing to compile.
     warmup: bool | None = None
+    # Run every step eagerly: no CUDA graphs for decode steps (core.cuda_graphs), which are
+    # otherwise captured on CUDA up to max_num_seqs sequences.
+    enforce_eager: bool = False
 
     def __post_init__(self) -> None:
         canonical_dtype_name(self.dtype)
@@ -111,6 +114,9 @@ class EngineConfig:
 
     def resolve_warmup(self, device: torch.device) -> bool:
         return device.type == "cuda" if self.warmup is None else self.warmup
+
+    def uses_decode_graphs(self, device: torch.device) -> bool:
+        return device.type == "cuda" and not self.enforce_eager
 
     def resolve_max_model_len(self, model: ModelConfig) -> int:
         if self.max_model_len is None:

@@ -49,6 +49,8 @@ class InProcessExecutor:
             seed=config.seed,
             progress=config.progress,
         )
+        if config.uses_decode_graphs(device):
+            self.runner.capture_decode_graphs(config.max_num_seqs, progress=config.progress)
 
         self._plans: list[StepPlan] | None = None
 

@@ -14,6 +14,7 @@ import torch
 
 from titanserve.core.config import ModelConfig
 from titanserve.core.cpu_malloc import tune_malloc
+from titanserve.core.cuda_graphs import DecodeGraphs
 from titanserve.core.model.attention import AttentionMetadata, PrefillChunk
 from titanserve.core.model.decoder import DecoderModel
 from titanserve.core.model.kv_cache import allocate_kv_caches, key_pages
@@ -24,6 +25,7 @@ from titanserve.kernels.backend import backend
 from titanserve.kernels.cpu_linear import pack_linear_weights
 from titanserve.kernels.fused_moe import use_input_major_experts
 from titanserve.kernels.paged_decode_rows import decode_rows
+from titanserve.moe.layer import MoELayer
 from titanserve.moe.placement import ExpertPlacement
 
 
@@ -50,7 +52,11 @@ class ModelRunner:
         if device.type == "cpu":
             tune_malloc()
         self.cfg, self.dtype, self.device = cfg, dtype, device
-        self.block_size, self.num_blocks = block_size, num_blocks
+        self.block_size, self.max_model_len = block_size, max_model_len
+        # One block more than the block managers hand out: the scratch block that a decode
+        # graph's padding rows write to (core.cuda_graphs).
+        self.scratch_block = num_blocks
+        self.num_blocks = num_blocks + 1
         previous = torch.get_default_dtype()
         torch.set_default_dtype(dtype)
         try:
@@ -62,13 +68,35 @@ class ModelRunner:
         pack_linear_weights(self.model)  # CPU weights: oneDNN layout, once (kernels.cpu_linear)
         use_input_major_experts(self.model)  # and experts in the layout the torch matmuls read
         self.k_caches, self.v_caches = allocate_kv_caches(
-            cfg.num_layers, cfg.num_kv_heads, num_blocks, block_size, cfg.head_dim, dtype, device
-        )  # each (L, num_blocks, block_size, Hk, D)
+            cfg.num_layers, cfg.num_kv_heads, self.num_blocks, block_size, cfg.head_dim, dtype,
+            device,
+        )  # each (L, num_blocks + 1, block_size, Hk, D)
         # CPU fp32 caches keep keys page-transposed: decode then reads them in place.
         self.decode_in_place = cfg.num_layers > 0 and key_pages(self.k_caches[0]) is not None
         self.sampler = Sampler(seed)
         self.lockstep = False  # set by a worker whose layers run collectives
         self.states: dict[str, SamplingState] = {}
+        self.decode_graphs: DecodeGraphs | None = None
+
+    def capture_decode_graphs(
+        self, max_batch: int, capture: bool = True, progress: bool = True
+    ) -> bool:
+        """Serve decode-only steps of up to `max_batch` sequences from CUDA graphs (without
+        `capture`: from the same static buffers, eagerly; for tests). Call it once the MoE
+        layers' exchanges are set; a forward with collectives stays eager (returns False)."""
+        if any(isinstance(m, MoELayer) and m.exchange is not None for m in self.model.modules()):
+            return False
+        self.decode_graphs = DecodeGraphs(
+            lambda token_ids, meta: self.run_model(token_ids, meta),
+            self.block_size,
+            -(-self.max_model_len // self.block_size),
+            self.scratch_block,
+            max_batch,
+            self.device,
+            capture=capture,
+        )
+        self.decode_graphs.capture(progress)
+        return True
 
     # ------------------------------------------------------------------ step
     @torch.inference_mode()
@@ -91,8 +119,12 @@ class ModelRunner:
                 step_id=plan.step_id, seqs=[], compute_time_s=time.perf_counter() - t0
             ), None
 
-        token_ids, meta, starts = self._prepare(plan.seqs)
-        hidden = self.run_model(token_ids, meta)  # (T, H)
+        if self.decode_graphs is not None and self.decode_graphs.covers(plan.seqs):
+            hidden = self.decode_graphs.run(plan.seqs)  # (B, H)
+            starts = range(len(plan.seqs))
+        else:
+            token_ids, meta, starts = self._prepare(plan.seqs)
+            hidden = self.run_model(token_ids, meta)  # (T, H)
 
         sample_rows, logit_rows, results = [], [], []
         for seq, start in zip(plan.seqs, starts):

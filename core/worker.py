@@ -104,9 +104,13 @@ def worker_main(run_dir: str, rank: int, cores: list[int] | None = None) -> None
         exchange = ExpertParallel(collective, placement, device)  # shared by every MoE layer
         for module in runner.model.modules():
             if isinstance(module, MoELayer):
-                module.exchange = exchange
+                if world > 1:  # alone, a worker holds every expert: nothing to exchange
+                    module.exchange = exchange
                 experts += module.w_gate_up.numel() + module.w_down.numel()
         runner.lockstep = True
+        if config.uses_decode_graphs(device):
+            progress = config.progress and rank == 0
+            runner.capture_decode_graphs(config.max_num_seqs, progress=progress)
         sock.send(
             encoder.encode(
                 WorkerReady(

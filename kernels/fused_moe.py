@@ -194,7 +194,7 @@ def get_config(T: int, E: int, N: int, K: int, top_k: int, x: torch.Tensor) -> d
 @triton.jit(do_not_specialize=["num_pairs"])  # see core.warmup
 def _gate_up_kernel(
     x_ptr, w_ptr, bias_ptr, inter_ptr, sorted_ids_ptr, block_expert_ids_ptr,
-    num_pairs, top_k, H, inter_size,
+    num_pairs, num_experts, top_k, H, inter_size,
     stride_xt, stride_we, stride_wn, stride_be, limit, alpha,
     SWIGLU_OAI: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -203,6 +203,8 @@ def _gate_up_kernel(
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert = tl.load(block_expert_ids_ptr + pid_m).to(tl.int64)
+    if (expert < 0) | (expert >= num_experts):  # a block past the used ones, or not local
+        return
     pairs = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
     row_ok = pairs < num_pairs
     tokens = (pairs // top_k).to(tl.int64)
@@ -240,7 +242,7 @@ def _gate_up_kernel(
 @triton.jit(do_not_specialize=["num_pairs"])
 def _down_kernel(
     inter_ptr, w_ptr, bias_ptr, topk_weights_ptr, out_ptr, sorted_ids_ptr, block_expert_ids_ptr,
-    num_pairs, H, inter_size, stride_we, stride_wn, stride_be,
+    num_pairs, num_experts, H, inter_size, stride_we, stride_wn, stride_be,
     HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -248,6 +250,8 @@ def _down_kernel(
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert = tl.load(block_expert_ids_ptr + pid_m).to(tl.int64)
+    if (expert < 0) | (expert >= num_experts):
+        return
     pairs = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
     row_ok = pairs < num_pairs
     rows = pairs.to(tl.int64)
@@ -317,17 +321,21 @@ def fused_moe_triton(
         local = expert_map.to(torch.int32)[topk_ids.long()]  # (T, K)
         ids = torch.where(local < 0, E_local, local)
     num_experts = E_local + (expert_map is not None)
-    sorted_ids, block_expert_ids, padded = align_blocks(ids, num_experts, BM)
-    num_blocks = int(padded[:E_local].sum()) // BM  # the dummy expert's blocks are not run
+    sorted_ids, block_expert_ids, _ = align_blocks(ids, num_experts, BM)
+    # One program per block the alignment may fill; the unused ones and the dummy expert's
+    # return at once. So no step waits for the GPU here, and a CUDA graph can hold the
+    # launch (core.cuda_graphs).
+    num_blocks = block_expert_ids.shape[0]
     num_pairs = T * top_k
     pair_out = torch.zeros(num_pairs, H, dtype=torch.float32, device=x.device)  # (T*K, H)
-    if num_blocks > 0:
+    if num_pairs > 0:
         precision = "ieee" if x.dtype == torch.float32 else "tf32"
         inter = torch.empty(num_pairs, inter_size, dtype=x.dtype, device=x.device)  # (T*K, I)
         _gate_up_kernel[(num_blocks, cdiv(inter_size, BN))](
             x, w_gate_up, gate_up_bias if gate_up_bias is not None else x, inter, sorted_ids,
-            block_expert_ids, num_pairs, top_k, H, inter_size, x.stride(0), w_gate_up.stride(0),
-            w_gate_up.stride(1), gate_up_bias.stride(0) if gate_up_bias is not None else 0,
+            block_expert_ids, num_pairs, E_local, top_k, H, inter_size, x.stride(0),
+            w_gate_up.stride(0), w_gate_up.stride(1),
+            gate_up_bias.stride(0) if gate_up_bias is not None else 0,
             float(swiglu_limit), float(swiglu_alpha), SWIGLU_OAI=activation == "swiglu_oai",
             HAS_BIAS=gate_up_bias is not None, PRECISION=precision,
             BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, **launch,
@@ -335,7 +343,7 @@ def fused_moe_triton(
         weights = topk_weights.reshape(-1).float().contiguous()  # (T*K,)
         _down_kernel[(num_blocks, cdiv(H, BN))](
             inter, w_down, down_bias if down_bias is not None else x, weights, pair_out,
-            sorted_ids, block_expert_ids, num_pairs, H, inter_size, w_down.stride(0),
+            sorted_ids, block_expert_ids, num_pairs, E_local, H, inter_size, w_down.stride(0),
             w_down.stride(1), down_bias.stride(0) if down_bias is not None else 0,
             HAS_BIAS=down_bias is not None, PRECISION=precision,
             BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, **launch,

@@ -132,6 +132,13 @@ def _engine_flags() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         help="compile the GPU kernels at start, on throw-away requests (default: on CUDA)",
     )
+    g.add_argument(
+        "--enforce-eager",
+        action="store_const",
+        const=True,
+        default=None,
+        help="run every step eagerly: no CUDA graphs for decode steps",
+    )
     return p
 
 

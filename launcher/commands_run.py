@@ -27,6 +27,7 @@ ENGINE_FIELDS = (
     "bind_cpu_cores",
     "device",
     "warmup",
+    "enforce_eager",
     "seed",
 )
 

@@ -47,11 +47,12 @@ def hf_reference(path: str, token_lists: list[list[int]], max_tokens: int):
     return logits, tokens
 
 
-def check_against_hf(path: str, num_workers: int, comm: str, bind: bool = True) -> None:
+def check_against_hf(path: str, num_workers: int, comm: str, bind: bool = True,
+                     **options) -> None:
     token_lists = prompts()
     ref_logits, ref_tokens = hf_reference(path, token_lists, max_tokens=12)
     with LLM(path, num_workers=num_workers, comm=comm, progress=False,
-             max_num_batched_tokens=64, bind_cpu_cores=bind) as llm:
+             max_num_batched_tokens=64, bind_cpu_cores=bind, **options) as llm:
         greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
         outs = llm.generate(token_lists, greedy)
         assert [o.token_ids for o in outs] == ref_tokens
@@ -85,6 +86,11 @@ def check_cpu_cores(llm: LLM, num_workers: int, bind: bool) -> None:
 @pytest.mark.parametrize("family", ["mixtral", "qwen2-moe", "qwen3-moe"])
 def test_two_workers_match_transformers(family, tmp_path_factory):
     check_against_hf(tiny(family, tmp_path_factory), 2, "zmq")
+
+
+def test_one_worker_process_matches_transformers(tmp_path_factory):
+    # the server's layout: alone, the worker computes every expert with no exchange
+    check_against_hf(tiny("mixtral", tmp_path_factory), 1, "zmq", worker_processes=True)
 
 
 def test_four_workers_zmq_match_transformers(tmp_path_factory):
