@@ -25,7 +25,6 @@ from titanserve.ipc.messages import SeqPlan
 
 # forward(token_ids (B,), meta) -> hidden (B, H)
 Forward = Callable[[torch.Tensor, AttentionMetadata], torch.Tensor]
-_FIELDS = 5  # token ids, positions, slot blocks, slot offsets, context lengths
 
 
 def capture_sizes(max_batch: int) -> list[int]:
@@ -35,12 +34,35 @@ def capture_sizes(max_batch: int) -> list[int]:
     return sorted(sizes | {max_batch})
 
 
+class _Staged:
+    """A static device buffer and the pinned host buffer that fills it, one copy a step."""
+
+    def __init__(self, size: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.device_buffer = torch.zeros(size, dtype=dtype, device=device)
+        pinned = device.type == "cuda"
+        self._staging = torch.zeros(size, dtype=dtype, pin_memory=pinned)
+        self.host = self._staging.numpy()  # writes here reach the pinned memory
+        self._copied = torch.cuda.Event() if pinned else None
+
+    def wait_until_read(self) -> None:
+        """Before writing `host`: the last copy has read it."""
+        if self._copied is not None:
+            self._copied.synchronize()
+
+    def copy(self, used: int) -> None:
+        self.device_buffer[:used].copy_(self._staging[:used], non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
+
+
 class DecodeGraphs:
     """Decode-step graphs over one set of static inputs.
 
-    Memory: one int64 buffer holds the (n,) token ids, positions, slot blocks, slot offsets
-    and context lengths, then the (n, W) block tables, n the largest size and W the blocks
-    of the longest sequence. One copy fills it each step.
+    Memory: an int64 buffer holds the token ids, positions, slot blocks and slot offsets, and an
+    int32 buffer the context lengths and then the (n, W) block tables (n the largest size, W the
+    blocks of the longest sequence): the dtypes the eager steps use. Each part starts 16-byte
+    aligned, as a fresh tensor does: Triton compiles a variant per pointer alignment, and so
+    the graphs and the eager steps share their kernels' variants (core.warmup).
     """
 
     def __init__(
@@ -59,50 +81,47 @@ class DecodeGraphs:
         self.block_size, self.scratch_block = block_size, scratch_block
         self.sizes = capture_sizes(max_batch)
         n, W = self.sizes[-1], max_blocks_per_seq
-        self._n, self._w = n, W
-        size = _FIELDS * n + n * W
-        self.inputs = torch.zeros(size, dtype=torch.int64, device=device)
-        pinned = device.type == "cuda"
-        self._staging = torch.zeros(size, dtype=torch.int64, pin_memory=pinned)
-        self._host = self._staging.numpy()  # writes here reach the pinned memory
-        self._copied = torch.cuda.Event() if pinned else None
+        m = -(-n // 4) * 4  # the stride of the parts: 16-byte aligned in both dtypes
+        self._n, self._m, self._w = n, m, W
+        self._ids = _Staged(4 * m, torch.int64, device)
+        self._tables = _Staged(m + n * W, torch.int32, device)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.replays = 0  # steps served by a graph (or its eager stand-in)
 
     def _views(self, b: int) -> tuple[torch.Tensor, AttentionMetadata]:
-        n, W, x = self._n, self._w, self.inputs
+        m, W = self._m, self._w
+        x, t = self._ids.device_buffer, self._tables.device_buffer
         meta = AttentionMetadata(
-            positions=x[n : n + b],
-            slot_blocks=x[2 * n : 2 * n + b],
-            slot_offsets=x[3 * n : 3 * n + b],
+            positions=x[m : m + b],
+            slot_blocks=x[2 * m : 2 * m + b],
+            slot_offsets=x[3 * m : 3 * m + b],
             num_decode_tokens=b,
-            decode_block_tables=x[_FIELDS * n : _FIELDS * n + b * W].view(b, W),
-            decode_context_lens=x[4 * n : 4 * n + b],
+            decode_block_tables=t[m : m + b * W].view(b, W),
+            decode_context_lens=t[:b],
             prefills=[],
         )
         return x[:b], meta
 
     def _stage(self, seqs: list[SeqPlan], b: int) -> None:
-        """Write the step's inputs, padded to b rows, into the static buffer."""
-        if self._copied is not None:
-            self._copied.synchronize()  # the last step's copy has read the staging memory
-        n, W, bs, B, host = self._n, self._w, self.block_size, len(seqs), self._host
-        positions = [s.start_pos for s in seqs]
-        host[:B] = [s.token_ids[0] for s in seqs]
-        host[n : n + B] = positions
-        host[2 * n : 2 * n + B] = [s.block_ids[p // bs] for s, p in zip(seqs, positions)]
-        host[3 * n : 3 * n + B] = host[n : n + B] % bs
-        host[4 * n : 4 * n + B] = host[n : n + B] + 1
-        for field in range(_FIELDS):  # the padding rows
-            host[field * n + B : field * n + b] = self.scratch_block if field == 2 else 0
-        tables = host[_FIELDS * n :].reshape(n, W)
+        """Write the step's inputs, padded to b rows, into the static buffers."""
+        self._ids.wait_until_read()
+        self._tables.wait_until_read()
+        m, W, bs, B = self._m, self._w, self.block_size, len(seqs)
+        x, t = self._ids.host, self._tables.host
+        x[:B] = [s.token_ids[0] for s in seqs]
+        x[m : m + B] = [s.start_pos for s in seqs]
+        x[2 * m : 2 * m + B] = [s.block_ids[s.start_pos // bs] for s in seqs]
+        x[3 * m : 3 * m + B] = x[m : m + B] % bs
+        t[:B] = x[m : m + B] + 1
+        for part in range(4):  # the padding rows
+            x[part * m + B : part * m + b] = self.scratch_block if part == 2 else 0
+        t[B:b] = 0
+        tables = t[m:].reshape(self._n, W)
         for i, s in enumerate(seqs):
             # Entries past a sequence's blocks keep older values: no kernel reads them.
             tables[i, : len(s.block_ids)] = s.block_ids
-        used = _FIELDS * n + b * W
-        self.inputs[:used].copy_(self._staging[:used], non_blocking=True)
-        if self._copied is not None:
-            self._copied.record()
+        self._ids.copy(4 * m)
+        self._tables.copy(m + b * W)
 
     def covers(self, seqs: list[SeqPlan]) -> bool:
         """Whether a graph can run this step: decodes only, no more than the largest size."""

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from titanserve import LLM, SamplingParams
-from titanserve.core.cuda_graphs import capture_sizes
+from titanserve.core.cuda_graphs import DecodeGraphs, capture_sizes
 from titanserve.core.engine_config import EngineConfig
 from titanserve.kernels.backend import forced_backend
 
@@ -19,6 +19,20 @@ def test_sizes_are_small_powers_then_multiples_of_eight_up_to_the_limit():
     assert capture_sizes(8) == [1, 2, 4, 8]
     assert capture_sizes(20) == [1, 2, 4, 8, 16, 20]
     assert capture_sizes(32) == [1, 2, 4, 8, 16, 24, 32]
+
+
+@pytest.mark.parametrize("max_batch", [5, 8, 13])
+def test_static_inputs_are_aligned_as_fresh_tensors_are(max_batch):
+    # Triton compiles a kernel variant per pointer alignment: aligned like the eager steps'
+    # tensors, the graphs reuse the variants those compile (and the warm-up's).
+    graphs = DecodeGraphs(lambda ids, meta: ids, 16, 7, 99, max_batch, torch.device("cpu"),
+                          capture=False)
+    for b in graphs.sizes:
+        token_ids, meta = graphs._views(b)
+        parts = [token_ids, meta.positions, meta.slot_blocks, meta.slot_offsets,
+                 meta.decode_context_lens, meta.decode_block_tables]
+        assert all(p.data_ptr() % 16 == 0 for p in parts)
+        assert meta.decode_context_lens.dtype == meta.decode_block_tables.dtype == torch.int32
 
 
 def test_graphs_are_on_for_cuda_unless_eager_is_enforced():
