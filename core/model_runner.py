@@ -85,6 +85,7 @@ class ModelRunner:
         `capture`: from the same static buffers, eagerly; for tests). Call it once the MoE
         layers' exchanges are set; a forward with collectives stays eager (returns False)."""
         if any(isinstance(m, MoELayer) and m.exchange is not None for m in self.model.modules()):
+            self.decode_graphs = None
             return False
         self.decode_graphs = DecodeGraphs(
             lambda token_ids, meta: self.run_model(token_ids, meta),

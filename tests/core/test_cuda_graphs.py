@@ -55,20 +55,20 @@ def _generate(llm: LLM, prompts):
 def test_static_padded_decode_steps_match_eager_steps(family, kernels, tiny_model,
                                                       random_prompts):
     prompts = random_prompts([5, 17, 40, 3, 29, 11, 64], seed=4)
-    with LLM(tiny_model(family), block_size=4, max_num_seqs=8, progress=False) as llm, \
-            forced_backend(kernels):
+    with LLM(tiny_model(family), block_size=4, max_num_seqs=8, enforce_eager=True,
+             progress=False) as llm, forced_backend(kernels):
         expected = _generate(llm, prompts)
         runner = llm.engine.executor.runner
         # up to 4: the first decode steps stay eager, the others pad to 4, 2 or 1 rows
         assert runner.capture_decode_graphs(4, capture=False, progress=False)
-        scratch = [c[:, runner.scratch_block].clone() for c in (runner.k_caches,
-                                                                runner.v_caches)]
+        scratch = [c[:, runner.scratch_block] for c in (runner.k_caches, runner.v_caches)]
+        for block in scratch:
+            block.zero_()
         outs = _generate(llm, prompts)
         # decode steps of 7, 7, 6, 6, 5, 5 sequences, then 8 steps of 4 down to 1
         assert runner.decode_graphs.replays == 8
         # the padding rows wrote their keys and values to the scratch block
-        assert not all(torch.equal(a, c[:, runner.scratch_block])
-                       for a, c in zip(scratch, (runner.k_caches, runner.v_caches)))
+        assert all(block.abs().sum() > 0 for block in scratch)
     for out, ref in zip(outs, expected):
         assert out.token_ids == ref.token_ids
         torch.testing.assert_close(out.logits, ref.logits, atol=1e-5, rtol=1e-5)
@@ -77,10 +77,11 @@ def test_static_padded_decode_steps_match_eager_steps(family, kernels, tiny_mode
 def test_a_forward_with_collectives_stays_eager(tiny_model):
     with LLM(tiny_model("mixtral"), progress=False) as llm:
         runner = llm.engine.executor.runner
+        assert runner.capture_decode_graphs(8, capture=False, progress=False)
         moe = next(m for m in runner.model.modules() if hasattr(m, "exchange"))
         moe.exchange = object()  # what a worker of several sets: all-to-alls in the forward
         assert not runner.capture_decode_graphs(8, capture=False, progress=False)
-        assert runner.decode_graphs is None
+        assert runner.decode_graphs is None  # graphs captured before are dropped too
 
 
 @pytest.mark.gpu
