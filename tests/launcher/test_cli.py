@@ -140,10 +140,12 @@ def test_engine_flags_become_llm_keywords_and_only_those_given():
     from titanserve.launcher.commands_run import engine_kwargs
 
     parse = build_parser().parse_args
-    flags = ["--no-bind-cpu-cores", "--num-threads", "3", "--no-async-scheduling", "--warmup"]
+    flags = ["--no-bind-cpu-cores", "--num-threads", "3", "--no-async-scheduling", "--warmup",
+             "--enforce-eager"]
     args = parse(["generate", "m", "--prompt", "x", *flags])
     assert engine_kwargs(args) == {
         "bind_cpu_cores": False, "num_threads": 3, "async_scheduling": False, "warmup": True,
+        "enforce_eager": True,
     }  # fmt: skip
     assert engine_kwargs(parse(["generate", "m", "--prompt", "x", "--no-warmup"])) == {
         "warmup": False
