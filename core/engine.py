@@ -23,7 +23,7 @@ from titanserve.core.outputs import RequestOutput, StepDelta
 from titanserve.core.request import Request
 from titanserve.core.sampling_params import SamplingParams
 from titanserve.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from titanserve.core.tokenizer import IncrementalDetokenizer, Tokenizer
+from titanserve.core.tokenizer import FinalDetokenizer, IncrementalDetokenizer, Tokenizer
 from titanserve.core.warmup import warm_up
 
 
@@ -43,7 +43,8 @@ def resolve_model_path(model: str) -> Path:
 class _Tracker:
     request: Request
     output: RequestOutput
-    detokenizer: IncrementalDetokenizer | None
+    detokenizer: IncrementalDetokenizer | None  # streamed text, a delta every token
+    final_text: FinalDetokenizer | None  # or the text made once, when the output ends
     stop_hold: int  # chars held back from streaming while a stop string could still match
     logits_rows: list[torch.Tensor] = field(default_factory=list)
     emitted_chars: int = 0
@@ -150,8 +151,14 @@ class Engine:
             raise InvalidRequest("sampling_params must be a SamplingParams")
 
     def add_request(
-        self, prompt: str | list[int], sampling: SamplingParams, request_id: str | None = None
+        self,
+        prompt: str | list[int],
+        sampling: SamplingParams,
+        request_id: str | None = None,
+        stream: bool = True,
     ) -> str:
+        """Queue a request; returns its id. With `stream` False only its final output is
+        read, so its text is made once at the end (unless stop strings need it meanwhile)."""
         if self.executor is None:
             raise InvalidRequest("the engine is shut down: create a new LLM to generate again")
         token_ids = self.tokenize(prompt)
@@ -160,11 +167,16 @@ class Engine:
         if rid in self.trackers:
             raise InvalidRequest(f"request id {rid!r} is already in use")
         request = Request(rid, token_ids, sampling, self.eos_token_ids)
-        detok = IncrementalDetokenizer(self.tokenizer, token_ids) if self.tokenizer else None
+        detok = final = None
+        if self.tokenizer is not None and (stream or sampling.stop):
+            detok = IncrementalDetokenizer(self.tokenizer, token_ids)
+        elif self.tokenizer is not None:
+            final = FinalDetokenizer(self.tokenizer, token_ids)
         self.trackers[rid] = _Tracker(
             request,
             RequestOutput(rid, list(token_ids)),
             detok,
+            final,
             stop_hold=max((len(s) for s in sampling.stop), default=1) - 1,
         )
         self.scheduler.add(request)
@@ -326,6 +338,9 @@ class Engine:
                     reason = "stop"
             out.text = text
         finished = reason is not None
+        if finished:
+            del self.trackers[request.request_id]
+            self._finalize(tracker, reason)
         visible = (
             len(out.text)
             if finished
@@ -333,14 +348,13 @@ class Engine:
         )
         new_text = out.text[tracker.emitted_chars : visible]
         tracker.emitted_chars = visible
-        if finished:
-            del self.trackers[request.request_id]
-            self._finalize(tracker, reason)
         return StepDelta(request.request_id, [token_id], new_text, finished, reason)
 
     def _finalize(self, tracker: _Tracker, reason: str) -> RequestOutput:
         out = tracker.output
         out.finished, out.finish_reason = True, reason
+        if tracker.final_text is not None:
+            out.text = tracker.final_text.text(out.token_ids)
         out.num_preemptions = tracker.request.num_preemptions
         if tracker.logits_rows:
             out.logits = torch.stack(tracker.logits_rows)

@@ -42,7 +42,7 @@ class LLM:
             self.engine.validate(ids, p)
         outputs = []
         for ids, p in zip(token_ids, params):
-            rid = self.engine.add_request(ids, p)
+            rid = self.engine.add_request(ids, p, stream=False)
             outputs.append(self.engine.get_output(rid))
         self._run(len(outputs), use_tqdm)
         return outputs

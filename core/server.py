@@ -143,7 +143,7 @@ class Server:
             return fail("invalid_request", f"request id {req.request_id!r} is already in flight")
         try:
             prompt = self._prompt_ids(req)
-            self.engine.add_request(prompt, req.sampling, request_id=rid)
+            self.engine.add_request(prompt, req.sampling, request_id=rid, stream=req.stream)
         except InvalidRequest as e:
             return fail("invalid_request", str(e))
         output = self.engine.get_output(rid)

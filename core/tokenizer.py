@@ -1,7 +1,8 @@
 """Tokenizer: `tokenizer.json` through `tokenizers`, chat templates through jinja2.
 
 No transformers import at run time. `IncrementalDetokenizer` turns a growing list of token
-ids into text deltas and never emits half of a multi-byte character.
+ids into text deltas and never emits half of a multi-byte character; `FinalDetokenizer` gives
+the same text in one call, for an output nobody streams.
 """
 
 from __future__ import annotations
@@ -89,6 +90,10 @@ def _raise(message: str):
     raise InvalidRequest(message)
 
 
+PRIME_TOKENS = 6  # prompt tokens a detokenizer decodes as context (their text is not ours)
+_MAX_HELD_TOKENS = 4  # a character is at most 4 bytes
+
+
 class IncrementalDetokenizer:
     """Text deltas for a stream of token ids: `tokenizers`' DecodeStream (in Rust), primed
     with the prompt's last tokens so that the first output token's leading space survives."""
@@ -98,7 +103,7 @@ class IncrementalDetokenizer:
     ):
         self._tok = tokenizer._tok
         self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
-        for token_id in prompt_token_ids[-6:]:  # context only: what it prints is not ours
+        for token_id in prompt_token_ids[-PRIME_TOKENS:]:
             self._step(token_id)
         self.text = ""
 
@@ -110,3 +115,38 @@ class IncrementalDetokenizer:
 
     def _step(self, token_id: int) -> str:
         return self._stream.step(self._tok, token_id) or ""  # None: waits for more bytes
+
+
+class FinalDetokenizer:
+    """An output's text in one decode once it ends, for outputs that nobody streams: one call
+    instead of one a token (on the development machine, 64 streams cost ~0.2 ms of a tiny
+    model's 15 ms decode step). Primed like `IncrementalDetokenizer`, it gives the text that
+    the stream's deltas add up to, held-back bytes of an unfinished last character included."""
+
+    def __init__(
+        self, tokenizer: Tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool = True
+    ):
+        self._tokenizer, self._skip = tokenizer, skip_special_tokens
+        self._prime = list(prompt_token_ids[-PRIME_TOKENS:])
+
+    def text(self, output_ids: list[int]) -> str:
+        prime = self._printed(self._prime)
+        full = self._printed(self._prime + list(output_ids))
+        if prime is not None and full is not None and full.startswith(prime):
+            return full[len(prime) :]
+        # A long unfinished run, or an output that changed the prime's printed text (a
+        # decoder that looks across tokens): the stream itself says what it prints.
+        stream = IncrementalDetokenizer(self._tokenizer, self._prime, self._skip)
+        for token_id in output_ids:
+            stream.push(token_id)
+        return stream.text
+
+    def _printed(self, token_ids: list[int]) -> str | None:
+        """The text a stream of these tokens has printed: it holds back the tokens after the
+        last one that left no character unfinished (no U+FFFD at the end). None when that
+        is more than a few tokens back (a decode each: the stream is cheaper then)."""
+        for end in range(len(token_ids), max(0, len(token_ids) - _MAX_HELD_TOKENS) - 1, -1):
+            text = self._tokenizer.decode(token_ids[:end], self._skip) if end else ""
+            if not text.endswith("\ufffd"):
+                return text
+        return None

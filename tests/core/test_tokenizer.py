@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 from titanserve import LLM, SamplingParams
 from titanserve.core.config import ModelConfig
 from titanserve.core.errors import ConfigError
-from titanserve.core.tokenizer import IncrementalDetokenizer, Tokenizer
+from titanserve.core.tokenizer import FinalDetokenizer, IncrementalDetokenizer, Tokenizer
 
 FAMILY = "qwen3"
 # Characters the tiny BPE never merged: each is split over 2-4 byte-level tokens.
@@ -65,6 +65,30 @@ def test_incremental_detokenization_skips_special_tokens_like_decode(tiny_model)
     ids = tokenizer.encode("😀 one") + im_end + tokenizer.encode(" 东 two") + [0]
     deltas = stream_text(tokenizer, tokenizer.encode("<|im_start|>assistant\n"), ids)
     assert "".join(deltas) == tokenizer.decode(ids) == "😀 one 东 two"
+
+
+def test_final_text_is_the_streamed_text_in_one_decode(tiny_model):
+    tokenizer = Tokenizer(tiny_model(FAMILY))
+    ids = tokenizer.encode(MULTI_BYTE)
+    cases = [
+        (tokenizer.encode("Say: "), ids),
+        (tokenizer.encode("<|im_start|>assistant\n"), ids[:5] + [2] + ids[5:] + [0]),
+        (tokenizer.encode("x" * 40), tokenizer.encode(" spaced out")),
+        ([], ids),
+    ]
+    # a prompt that ends inside a character the output completes: the prime's text changes
+    cut = next(k for k in range(1, len(ids)) if tokenizer.decode(ids[:k]).endswith("\ufffd"))
+    cases.append((ids[:cut], ids[cut:]))
+    for prompt_ids, output_ids in cases:
+        streamed = "".join(stream_text(tokenizer, prompt_ids, output_ids))
+        assert FinalDetokenizer(tokenizer, prompt_ids).text(output_ids) == streamed
+    # an output that ends inside a character: held back, as a stream holds it
+    assert tokenizer.decode(ids[:cut]).endswith("\ufffd")
+    assert FinalDetokenizer(tokenizer, []).text(ids[:cut]) == tokenizer.decode(ids[:cut])[:-1]
+    # a long run of bytes that never make a character: the stream's answer, nothing held
+    stray = [i for i in ids if tokenizer.decode([i]) == "\ufffd"][:1] * 12
+    streamed = "".join(stream_text(tokenizer, [], ids[:3] + stray))
+    assert FinalDetokenizer(tokenizer, []).text(ids[:3] + stray) == streamed
 
 
 def test_chat_template_renders_like_transformers(tiny_model):
