@@ -25,11 +25,14 @@ from titanserve.ipc.messages import SeqPlan
 
 # forward(token_ids (B,), meta) -> hidden (B, H)
 Forward = Callable[[torch.Tensor, AttentionMetadata], torch.Tensor]
+MAX_CAPTURED_BATCH = 512  # larger decode batches run eagerly (each size is a capture at start)
 
 
 def capture_sizes(max_batch: int) -> list[int]:
     """The batch sizes to capture: 1, 2, 4, then every multiple of 8, up to `max_batch`
-    (included). Padding a batch up to the next size wastes at most 7 rows."""
+    (included) or MAX_CAPTURED_BATCH. Padding a batch up to the next size wastes at most 7
+    rows."""
+    max_batch = min(max_batch, MAX_CAPTURED_BATCH)
     sizes = {b for b in (1, 2, 4) if b <= max_batch} | set(range(8, max_batch + 1, 8))
     return sorted(sizes | {max_batch})
 

@@ -19,6 +19,7 @@ def test_sizes_are_small_powers_then_multiples_of_eight_up_to_the_limit():
     assert capture_sizes(8) == [1, 2, 4, 8]
     assert capture_sizes(20) == [1, 2, 4, 8, 16, 20]
     assert capture_sizes(32) == [1, 2, 4, 8, 16, 24, 32]
+    assert capture_sizes(4096)[-2:] == [504, 512]  # larger batches stay eager
 
 
 @pytest.mark.parametrize("max_batch", [5, 8, 13])
