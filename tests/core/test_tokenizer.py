@@ -91,6 +91,42 @@ def test_final_text_is_the_streamed_text_in_one_decode(tiny_model):
     assert FinalDetokenizer(tokenizer, []).text(ids[:3] + stray) == streamed
 
 
+def sentencepiece_style_tokenizer(out: Path) -> Tokenizer:
+    """A byte-fallback BPE with Llama-2's Metaspace decoder (strips the leading space)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, normalizers, trainers
+
+    tok = HFTokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog über café"] * 20,
+                            trainers.BpeTrainer(vocab_size=320, special_tokens=specials))
+    out.mkdir()
+    tok.save(str(out / "tokenizer.json"))
+    return Tokenizer(out)
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "sentencepiece-style"])
+def test_final_text_equals_the_stream_on_random_tokens(kind, tiny_model, tmp_path):
+    import random
+
+    if kind == "byte-level":
+        tokenizer = Tokenizer(tiny_model(FAMILY))
+    else:
+        tokenizer = sentencepiece_style_tokenizer(tmp_path / "spm")
+    rng = random.Random(0)
+    texts = ["the quick", " fox 你好 😀", "über café", "  spaced  out "]
+    for _ in range(200):
+        prompt_ids = tokenizer.encode(rng.choice(texts))
+        output_ids = tokenizer.encode(rng.choice(texts), add_special_tokens=False)
+        if rng.random() < 0.6:  # what a random model writes: stray bytes, specials, anything
+            output_ids = [rng.randrange(tokenizer.vocab_size) for _ in range(rng.randint(1, 24))]
+        streamed = "".join(stream_text(tokenizer, prompt_ids, output_ids))
+        assert FinalDetokenizer(tokenizer, prompt_ids).text(output_ids) == streamed
+
+
 def test_chat_template_renders_like_transformers(tiny_model):
     path = tiny_model(FAMILY)
     ours, theirs = Tokenizer(path), AutoTokenizer.from_pretrained(path)
