@@ -65,21 +65,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _cpu_threads_per_worker(config: EngineConfig) -> int | None:
+    """torch threads per worker where the workers run on CPU; None on GPUs."""
+    if config.resolve_device(0).type != "cpu":
+        return None
+    return threads_per_worker(config.num_threads, config.num_workers)
+
+
 def engine_core_is_spare(config: EngineConfig) -> bool:
     """Whether the engine may work between submit() and collect() without taking a core from
     a worker: always on GPUs; on CPU only if the workers' torch threads leave one free."""
-    if config.resolve_device(0).type != "cpu":
-        return True
-    threads = threads_per_worker(config.num_threads, config.num_workers)
-    return num_cores() - config.num_workers * threads >= 1
+    threads = _cpu_threads_per_worker(config)
+    return threads is None or num_cores() - config.num_workers * threads >= 1
 
 
 def worker_cores(config: EngineConfig) -> list[list[int]] | None:
     """Each CPU worker's cores (see `core.cpu_cores`), or None: not bound."""
-    cores = allowed_cores()
-    if not config.bind_cpu_cores or cores is None or config.resolve_device(0).type != "cpu":
+    cores, threads = allowed_cores(), _cpu_threads_per_worker(config)
+    if not config.bind_cpu_cores or cores is None or threads is None:
         return None
-    threads = threads_per_worker(config.num_threads, config.num_workers)
     return worker_core_sets(cores, config.num_workers, threads)
 
 
