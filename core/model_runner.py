@@ -88,7 +88,7 @@ class ModelRunner:
             self.decode_graphs = None
             return False
         self.decode_graphs = DecodeGraphs(
-            lambda token_ids, meta: self.run_model(token_ids, meta),
+            self.run_model,
             self.block_size,
             -(-self.max_model_len // self.block_size),
             self.scratch_block,
