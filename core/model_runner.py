@@ -156,7 +156,7 @@ class ModelRunner:
                 context_lens = [s.start_pos + len(s.token_ids) for s, _ in sampled_seqs]
                 for state, context_len in zip(states, context_lens):
                     # A step redone (its results were lost) sampled once already: forget it.
-                    del state.history[context_len:]
+                    state.truncate(context_len)
                 num_generated = [n - st.num_prompt_tokens for n, st in zip(context_lens, states)]
                 out = self.sampler(sample_logits.cpu(), states, num_generated)
                 keep = []
@@ -164,8 +164,7 @@ class ModelRunner:
                     result.token_id = state.last_token_id = out.token_ids[j]
                     result.logprob = out.logprobs[j]
                     result.top_logprobs = out.top_logprobs[j]
-                    if state.params.needs_penalties:
-                        state.history.append(out.token_ids[j])
+                    state.record(out.token_ids[j])
                     if state.params.return_logits:
                         result.logits_row = len(logit_rows) + len(keep)
                         keep.append(j)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from titanserve.core.penalties import TokenTally, apply_penalties
 from titanserve.core.sampling_params import SamplingParams
 
 
@@ -22,6 +23,26 @@ class SamplingState:
     num_prompt_tokens: int
     history: list[int] = field(default_factory=list)  # prompt + output, when penalties apply
     last_token_id: int | None = None  # the newest sample (async scheduling's placeholders)
+    tally: TokenTally | None = None  # the history's distinct tokens, when penalties apply
+
+    def __post_init__(self) -> None:
+        if self.params.needs_penalties and self.tally is None:
+            prompt = self.history[: self.num_prompt_tokens]
+            self.tally = TokenTally(prompt, self.history[self.num_prompt_tokens :])
+
+    def record(self, token_id: int) -> None:
+        """A token sampled for this request (kept only where penalties need it)."""
+        if self.tally is not None:
+            self.history.append(token_id)
+            self.tally.add(token_id)
+
+    def truncate(self, num_tokens: int) -> None:
+        """Forget the outputs past the first `num_tokens` tokens (their step is redone)."""
+        assert num_tokens >= self.num_prompt_tokens or not self.history, "prompts stay whole"
+        if self.tally is not None:
+            for token_id in self.history[num_tokens:]:
+                self.tally.remove(token_id)
+        del self.history[num_tokens:]
 
 
 @dataclass
@@ -38,15 +59,30 @@ class Sampler:
     def __call__(
         self, logits: torch.Tensor, states: list[SamplingState], num_generated: list[int]
     ) -> SampleOutput:
-        """logits: (N, V) fp32 raw model logits, one row per state."""
-        n = logits.shape[0]
-        raw = logits
-        logits = self._apply_penalties(logits, states)
+        """logits: (N, V) fp32 raw model logits, one row per state. Penalties change them
+        while tokens are chosen, and the raw values are back when this returns."""
+        logits = logits.contiguous()
+        rows = [i for i, s in enumerate(states) if s.tally is not None]
+        undo = None
+        if rows:  # in place: a copy of the logits would cost more than the penalties
+            tallies = [states[i].tally for i in rows]
+            undo = apply_penalties(logits, rows, [states[i].params for i in rows], tallies)
+        try:
+            tokens = self._choose(logits, states, num_generated)
+        finally:
+            if undo is not None:
+                undo()
+        return self._logprobs(logits, tokens, states)  # logprobs of the raw logits
+
+    def _choose(
+        self, logits: torch.Tensor, states: list[SamplingState], num_generated: list[int]
+    ) -> torch.Tensor:
+        """(N,) int64: the argmax of greedy rows, a seeded draw for the others."""
         greedy = [i for i, s in enumerate(states) if s.params.is_greedy]
         random = [i for i, s in enumerate(states) if not s.params.is_greedy]
         if not random:  # all greedy, the common case: no rows gathered and scattered back
-            return self._logprobs(raw, logits.argmax(dim=-1), states)
-        tokens = torch.empty(n, dtype=torch.int64)
+            return logits.argmax(dim=-1)
+        tokens = torch.empty(logits.shape[0], dtype=torch.int64)
         if greedy:
             tokens[greedy] = logits[greedy].argmax(dim=-1)
         idx = torch.tensor(random)
@@ -55,35 +91,9 @@ class Sampler:
             probs.shape, [states[i] for i in random], [num_generated[i] for i in random]
         )
         tokens[idx] = (probs / noise).argmax(dim=-1)
-        return self._logprobs(raw, tokens, states)
+        return tokens
 
     # ------------------------------------------------------------------ steps
-    @staticmethod
-    def _apply_penalties(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
-        rows = [i for i, s in enumerate(states) if s.params.needs_penalties]
-        if not rows:
-            return logits
-        logits = logits.clone()
-        vocab = logits.shape[1]
-        for i in rows:
-            p, history = states[i].params, states[i].history
-            row = logits[i]  # (V,)
-            if p.repetition_penalty != 1.0 and history:
-                seen = torch.tensor(sorted(set(history)), dtype=torch.int64)
-                vals = row[seen]
-                row[seen] = torch.where(
-                    vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty
-                )
-            outputs = history[states[i].num_prompt_tokens :]
-            if outputs and (p.presence_penalty or p.frequency_penalty):
-                counts = torch.bincount(torch.tensor(outputs), minlength=vocab)[:vocab].to(
-                    row.dtype
-                )
-                row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(
-                    row.dtype
-                )
-        return logits
-
     @staticmethod
     def _probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
         temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype).unsqueeze(1)

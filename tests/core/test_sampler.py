@@ -7,6 +7,7 @@ from collections import Counter
 import pytest
 import torch
 
+from titanserve.core.penalties import apply_penalties
 from titanserve.core.sampler import Sampler, SamplingState
 from titanserve.core.sampling_params import SamplingParams
 
@@ -92,10 +93,24 @@ HISTORY = [0, 1, 3, 3, 2]
 def test_penalties_exact_values(params, expected):
     logits = torch.tensor([PENALTY_LOGITS, PENALTY_LOGITS])
     states = [make_state(HISTORY, num_prompt_tokens=2, **params), make_state(HISTORY, 2)]
-    penalised = Sampler._apply_penalties(logits, states)
-    assert penalised[0].tolist() == expected
-    assert penalised[1].tolist() == PENALTY_LOGITS  # a row without penalties is untouched
-    assert logits[0].tolist() == PENALTY_LOGITS  # the raw logits are not modified
+    undo = apply_penalties(logits, [0], [states[0].params], [states[0].tally])
+    assert logits[0].tolist() == expected
+    assert logits[1].tolist() == PENALTY_LOGITS  # a row without penalties is untouched
+    undo()
+    assert logits.tolist() == [PENALTY_LOGITS, PENALTY_LOGITS]  # the raw values are back
+
+
+def test_sampling_leaves_the_raw_logits_and_takes_logprobs_from_them():
+    logits = torch.tensor([[2.0, 1.5, 0.0], [0.0, 1.0, 2.0]])
+    states = [
+        make_state([0], num_prompt_tokens=1, temperature=0.0, repetition_penalty=4.0, logprobs=0),
+        make_state([2, 2], num_prompt_tokens=1, temperature=1.0, top_k=1, presence_penalty=2.0),
+    ]
+    out = Sampler()(logits, states, [0, 1])
+    assert out.token_ids[0] == 1  # 2.0 / 4 < 1.5
+    assert out.token_ids[1] == 1  # 2.0 - 2.0 < 1.0
+    assert logits.tolist() == [[2.0, 1.5, 0.0], [0.0, 1.0, 2.0]]
+    assert out.logprobs[0] == pytest.approx(logits[0].log_softmax(-1)[1].item())
 
 
 def test_penalty_changes_the_greedy_choice():
@@ -151,3 +166,59 @@ def test_logprobs_are_the_raw_log_softmax_with_exact_top_n():
     assert out.logprobs[1] == pytest.approx(expected[1, out.token_ids[1]].item(), abs=1e-6)
     assert out.top_logprobs[1] == []
     assert (out.logprobs[2], out.top_logprobs[2]) == (None, [])
+
+
+def _penalties_from_history(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+    """Penalties straight from each history: the definition the tallies must reproduce."""
+    logits = logits.clone()
+    for row, state in zip(logits, states):
+        p, history = state.params, state.history
+        if p.repetition_penalty != 1.0 and history:
+            seen = torch.tensor(sorted(set(history)))
+            vals = row[seen]
+            row[seen] = torch.where(
+                vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty
+            )
+        outputs = history[state.num_prompt_tokens :]
+        if outputs:
+            counts = torch.bincount(torch.tensor(outputs), minlength=row.shape[0]).float()
+            row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+    return logits
+
+
+def test_penalties_from_tallies_equal_penalties_from_histories():
+    """Random prompts and outputs (tokens repeated, shared between prompt and outputs, tallies
+    grown past their first capacity), outputs dropped by redone steps and sampled again:
+    the tallies kept up to date give exactly the penalties the histories define."""
+    import random
+
+    rng = random.Random(0)
+    vocab = 300
+    states = []
+    for i in range(12):
+        params = dict(
+            repetition_penalty=rng.choice([1.0, 1.3, 0.8]),
+            presence_penalty=rng.choice([0.0, 0.5, -0.25]),
+            frequency_penalty=rng.choice([0.0, 0.2]),
+        )
+        if i == 0:
+            params = dict(repetition_penalty=1.5)  # surely penalised
+        prompt = [rng.randrange(vocab // (1 + i % 3)) for _ in range(rng.randint(1, 40))]
+        outputs = [rng.randrange(vocab) for _ in range(rng.randint(0, 20))]
+        states.append(make_state(prompt + outputs, num_prompt_tokens=len(prompt), **params))
+    states.append(make_state([1, 2], num_prompt_tokens=2))  # no penalties: untouched
+    logits = torch.randn(len(states), vocab, generator=torch.Generator().manual_seed(0)) * 3
+    for _ in range(60):
+        for state in states:
+            if rng.random() < 0.2 and len(state.history) > state.num_prompt_tokens:
+                state.truncate(rng.randint(state.num_prompt_tokens, len(state.history)))
+            for _ in range(rng.randint(0, 3)):
+                state.record(rng.randrange(vocab) if rng.random() < 0.7 else state.history[-1])
+        rows = [i for i, s in enumerate(states) if s.tally is not None]
+        got = logits.clone()
+        params, tallies = [states[i].params for i in rows], [states[i].tally for i in rows]
+        apply_penalties(got, rows, params, tallies)
+        assert torch.equal(got, _penalties_from_history(logits, states))
+    assert max(len(s.history) - s.num_prompt_tokens for s in states) > 32  # tallies grew
+    assert not torch.equal(got, logits)
+    assert states[-1].tally is None and states[-1].history == [1, 2]  # nothing kept for it
