@@ -304,8 +304,10 @@ class Engine:
         took the token: not for a request preempted while the step ran)."""
         out = tracker.output
         if token_taken and seq.logprob is not None:
-            out.logprobs = (out.logprobs or []) + [seq.logprob]
-            out.top_logprobs = (out.top_logprobs or []) + [list(seq.top_logprobs)]
+            if out.logprobs is None:
+                out.logprobs, out.top_logprobs = [], []
+            out.logprobs.append(seq.logprob)  # in place: a copy per token is quadratic
+            out.top_logprobs.append(list(seq.top_logprobs))
         if token_taken and seq.logits_row is not None:
             tracker.logits_rows.append(logits[seq.logits_row])
         if seq.prompt_logits_rows is not None:
