@@ -158,7 +158,7 @@ class ModelRunner:
                     # A step redone (its results were lost) sampled once already: forget it.
                     state.truncate(context_len)
                 num_generated = [n - st.num_prompt_tokens for n, st in zip(context_lens, states)]
-                out = self.sampler(sample_logits.cpu(), states, num_generated)
+                out = self.sampler(sample_logits, states, num_generated)
                 keep = []
                 for j, ((_, result), state) in enumerate(zip(sampled_seqs, states)):
                     result.token_id = state.last_token_id = out.token_ids[j]

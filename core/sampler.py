@@ -59,9 +59,16 @@ class Sampler:
     def __call__(
         self, logits: torch.Tensor, states: list[SamplingState], num_generated: list[int]
     ) -> SampleOutput:
-        """logits: (N, V) fp32 raw model logits, one row per state. Penalties change them
-        while tokens are chosen, and the raw values are back when this returns."""
-        logits = logits.contiguous()
+        """logits: (N, V) fp32 raw model logits, one row per state, on any device. Plain
+        greedy rows only (no penalties, no logprobs), the common case, take their argmax
+        there: N token ids cross to the host instead of N*V logits. Otherwise the sampling
+        runs on the host; penalties change the logits while tokens are chosen, and the raw
+        values are back when this returns."""
+        if all(s.params.is_greedy and s.tally is None and s.params.logprobs is None
+               for s in states):  # fmt: skip
+            n = len(states)
+            return SampleOutput(logits.argmax(dim=-1).tolist(), [None] * n, [[] for _ in range(n)])
+        logits = logits.cpu().contiguous()
         rows = [i for i, s in enumerate(states) if s.tally is not None]
         undo = None
         if rows:  # in place: a copy of the logits would cost more than the penalties

@@ -34,6 +34,18 @@ def test_greedy_takes_the_argmax_of_every_row():
     assert Sampler()(logits, states, [0, 0, 0]).token_ids == [1, 0, 1]
 
 
+def test_plain_greedy_rows_take_the_argmax_where_the_logits_are():
+    """All rows greedy without penalties or logprobs: the argmax on the logits' own device,
+    with nothing else computed; the same tokens as the full path (which logprobs take)."""
+    logits = torch.randn(9, 50, generator=torch.Generator().manual_seed(1))
+    logits[4, 7] = logits[4, 30] = logits[4].max() + 1  # a tie goes to the first
+    plain = Sampler()(logits, [make_state(temperature=0.0) for _ in range(9)], [0] * 9)
+    full = Sampler()(logits, [make_state(temperature=0.0, logprobs=0) for _ in range(9)], [0] * 9)
+    assert plain.token_ids == full.token_ids == logits.argmax(dim=-1).tolist()
+    assert plain.token_ids[4] == 7
+    assert plain.logprobs == [None] * 9 and None not in full.logprobs
+
+
 def test_temperature_samples_follow_the_scaled_softmax():
     temperature, num_seeds = 0.7, 4000
     counts = sample_seeds(num_seeds, temperature=temperature)
