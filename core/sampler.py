@@ -1,8 +1,9 @@
 """Token sampler: penalties, temperature, top-k, top-p, min-p, per-request seeds, logprobs.
 
-Rows are independent: a seeded request draws its noise from a generator keyed by
+Rows are independent: a seeded request draws its uniform number from a generator keyed by
 (seed, output index), so its samples do not depend on the batch, on preemption or on the
-worker that holds it. Legend: N rows (requests sampling this step), V vocabulary.
+worker that holds it (see core.random_sampling for the draw). Legend: N rows (requests
+sampling this step), V vocabulary.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from titanserve.core.penalties import TokenTally, apply_penalties
+from titanserve.core.random_sampling import sample_filtered
 from titanserve.core.sampling_params import SamplingParams
 
 
@@ -87,54 +89,27 @@ class Sampler:
         """(N,) int64: the argmax of greedy rows, a seeded draw for the others."""
         greedy = [i for i, s in enumerate(states) if s.params.is_greedy]
         random = [i for i, s in enumerate(states) if not s.params.is_greedy]
-        if not random:  # all greedy, the common case: no rows gathered and scattered back
+        if not random:  # no rows gathered and scattered back
             return logits.argmax(dim=-1)
         tokens = torch.empty(logits.shape[0], dtype=torch.int64)
         if greedy:
             tokens[greedy] = logits[greedy].argmax(dim=-1)
         idx = torch.tensor(random)
-        probs = self._probs(logits[idx], [states[i].params for i in random])  # (Nr, V)
-        noise = self._noise(
-            probs.shape, [states[i] for i in random], [num_generated[i] for i in random]
-        )
-        tokens[idx] = (probs / noise).argmax(dim=-1)
+        uniforms = self._uniforms([states[i] for i in random], [num_generated[i] for i in random])
+        params = [states[i].params for i in random]
+        tokens[idx] = sample_filtered(logits[idx], params, uniforms)  # on a copy: it overwrites
         return tokens
 
     # ------------------------------------------------------------------ steps
-    @staticmethod
-    def _probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-        temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype).unsqueeze(1)
-        logits = logits / temps  # (Nr, V)
-        top_ks = [p.top_k if p.top_k > 0 else logits.shape[1] for p in params]
-        top_ps = [p.top_p for p in params]
-        if any(k < logits.shape[1] for k in top_ks) or any(p < 1.0 for p in top_ps):
-            sorted_logits, order = logits.sort(dim=-1, descending=True)  # (Nr, V)
-            ranks = torch.arange(logits.shape[1]).unsqueeze(0)
-            sorted_logits = sorted_logits.masked_fill(
-                ranks >= torch.tensor(top_ks).unsqueeze(1), float("-inf")
-            )
-            # top-p measures the mass left by top-k (as vLLM and HF do): keep the smallest
-            # prefix whose mass reaches top_p (the first token always stays)
-            sorted_probs = sorted_logits.softmax(dim=-1)  # (Nr, V)
-            mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-            remove = mass_before >= torch.tensor(top_ps).unsqueeze(1)
-            sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
-            logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
-        probs = logits.softmax(dim=-1)
-        min_ps = torch.tensor([p.min_p for p in params], dtype=probs.dtype).unsqueeze(1)
-        if (min_ps > 0).any():
-            threshold = probs.max(dim=-1, keepdim=True).values * min_ps
-            probs = probs.masked_fill(probs < threshold, 0.0)
-        return probs
-
-    def _noise(self, shape, states: list[SamplingState], num_generated: list[int]) -> torch.Tensor:
-        """Exponential(1) noise; argmax(probs / noise) is a sample from probs."""
-        noise = torch.empty(shape).exponential_(generator=self.generator)  # (Nr, V)
+    def _uniforms(self, states: list[SamplingState], num_generated: list[int]) -> torch.Tensor:
+        """(Nr,) fp64 uniforms in [0, 1), one per row: a seeded request's from its own generator
+        keyed by (seed, output index), so that its draws do not depend on the batch."""
+        uniforms = torch.rand(len(states), dtype=torch.float64, generator=self.generator)
         for row, (state, index) in enumerate(zip(states, num_generated)):
             if state.params.seed is not None:
                 g = torch.Generator().manual_seed(hash((state.params.seed, index)) & (2**63 - 1))
-                noise[row].exponential_(generator=g)
-        return noise
+                uniforms[row] = torch.rand(1, dtype=torch.float64, generator=g)
+        return uniforms
 
     @staticmethod
     def _logprobs(
@@ -144,13 +119,17 @@ class Sampler:
         logprobs: list[float | None] = [None] * n
         tops: list[list[tuple[int, float]]] = [[] for _ in range(n)]
         wanted = [i for i, s in enumerate(states) if s.params.logprobs is not None]
-        if wanted:
-            lp = torch.log_softmax(raw[wanted], dim=-1)  # (Nw, V)
-            chosen = lp.gather(1, tokens[wanted].unsqueeze(1)).squeeze(1)
-            for j, i in enumerate(wanted):
-                logprobs[i] = float(chosen[j])
-                k = states[i].params.logprobs
-                if k:
-                    values, ids = lp[j].topk(k)
-                    tops[i] = list(zip(ids.tolist(), values.tolist()))
+        if wanted:  # log_softmax(x)[t] = x[t] - logsumexp(x): no (Nw, V) result made
+            rows = raw if len(wanted) == n else raw[wanted]  # (Nw, V)
+            log_norm = rows.logsumexp(dim=-1, keepdim=True)  # (Nw, 1)
+            chosen = rows.gather(1, tokens[wanted].unsqueeze(1)) - log_norm  # (Nw, 1)
+            for i, value in zip(wanted, chosen.squeeze(1).tolist()):
+                logprobs[i] = value
+            most = max(states[i].params.logprobs for i in wanted)
+            if most:
+                values, ids = rows.topk(most, dim=-1)  # (Nw, most)
+                values, ids = (values - log_norm).tolist(), ids.tolist()
+                for j, i in enumerate(wanted):
+                    k = states[i].params.logprobs
+                    tops[i] = list(zip(ids[j][:k], values[j][:k]))
         return SampleOutput(tokens.tolist(), logprobs, tops)
