@@ -20,6 +20,7 @@ from collections.abc import Callable
 import torch
 from tqdm import tqdm
 
+from titanserve.core.block_tables import BlockTables
 from titanserve.core.model.attention import AttentionMetadata
 from titanserve.ipc.messages import SeqPlan
 
@@ -71,6 +72,7 @@ class DecodeGraphs:
     def __init__(
         self,
         forward: Forward,
+        block_tables: BlockTables,
         block_size: int,
         max_blocks_per_seq: int,
         scratch_block: int,
@@ -81,6 +83,7 @@ class DecodeGraphs:
         if max_batch < 1:
             raise ValueError(f"decode graphs need max_batch >= 1, got {max_batch}")
         self.forward, self.device, self.capturing = forward, device, capture
+        self.block_tables = block_tables  # the runner's: each sequence's blocks, by row
         self.block_size, self.scratch_block = block_size, scratch_block
         self.sizes = capture_sizes(max_batch)
         n, W = self.sizes[-1], max_blocks_per_seq
@@ -105,24 +108,23 @@ class DecodeGraphs:
         )
         return x[:b], meta
 
-    def _stage(self, seqs: list[SeqPlan], b: int) -> None:
-        """Write the step's inputs, padded to b rows, into the static buffers."""
+    def _stage(self, seqs: list[SeqPlan], rows: list[int], b: int) -> None:
+        """Write the step's inputs, padded to b rows, into the static buffers (`rows`: each
+        sequence's row in the block tables)."""
         self._ids.wait_until_read()
         self._tables.wait_until_read()
         m, W, bs, B = self._m, self._w, self.block_size, len(seqs)
         x, t = self._ids.host, self._tables.host
         x[:B] = [s.token_ids[0] for s in seqs]
         x[m : m + B] = [s.start_pos for s in seqs]
-        x[2 * m : 2 * m + B] = [s.block_ids[s.start_pos // bs] for s in seqs]
+        x[2 * m : 2 * m + B] = self.block_tables.array[rows, x[m : m + B] // bs]
         x[3 * m : 3 * m + B] = x[m : m + B] % bs
         t[:B] = x[m : m + B] + 1
         for part in range(4):  # the padding rows
             x[part * m + B : part * m + b] = self.scratch_block if part == 2 else 0
         t[B:b] = 0
         tables = t[m:].reshape(self._n, W)
-        for i, s in enumerate(seqs):
-            # Entries past a sequence's blocks keep older values: no kernel reads them.
-            tables[i, : len(s.block_ids)] = s.block_ids
+        tables[:B] = self.block_tables.gather(rows, W)  # 0 past each sequence's blocks
         self._ids.copy(4 * m)
         self._tables.copy(m + b * W)
 
@@ -140,7 +142,7 @@ class DecodeGraphs:
         pool = None
         for b in tqdm(self.sizes[::-1], desc="capturing CUDA graphs", unit="graph",
                       disable=not (progress and self.capturing)):
-            self._stage([], b)  # every row padding: the capture writes only the scratch block
+            self._stage([], [], b)  # every row padding: the capture writes only the scratch block
             token_ids, meta = self._views(b)
             if not self.capturing:
                 continue
@@ -152,11 +154,12 @@ class DecodeGraphs:
             pool = graph.pool()
             self._graphs[b] = (graph, hidden)
 
-    def run(self, seqs: list[SeqPlan]) -> torch.Tensor:
-        """The step's hidden states (B, H): a view that the next run overwrites."""
+    def run(self, seqs: list[SeqPlan], rows: list[int]) -> torch.Tensor:
+        """The step's hidden states (B, H): a view that the next run overwrites (`rows`: each
+        sequence's row in the block tables)."""
         B = len(seqs)
         b = self.bucket(B)
-        self._stage(seqs, b)
+        self._stage(seqs, rows, b)
         self.replays += 1
         if not self.capturing:
             return self.forward(*self._views(b))[:B]

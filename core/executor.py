@@ -55,6 +55,8 @@ class InProcessExecutor:
         self._plans: list[StepPlan] | None = None
 
     def submit(self, plans: list[StepPlan]) -> None:
+        if self._plans is not None:  # never collected (the engine failed in between): run it,
+            self.runner.execute(self._plans[0])  # as a worker runs every plan it is sent
         self._plans = plans  # runs in collect(): one process cannot overlap with itself
 
     def collect(self) -> Iterator[WorkerOutput]:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from titanserve.core.block_tables import BlockTables
 from titanserve.core.config import ModelConfig
 from titanserve.core.cpu_malloc import tune_malloc
 from titanserve.core.cuda_graphs import DecodeGraphs
@@ -76,6 +78,7 @@ class ModelRunner:
         self.sampler = Sampler(seed)
         self.lockstep = False  # set by a worker whose layers run collectives
         self.states: dict[str, SamplingState] = {}
+        self.block_tables = BlockTables(-(-max_model_len // block_size))
         self.decode_graphs: DecodeGraphs | None = None
 
     def capture_decode_graphs(
@@ -89,6 +92,7 @@ class ModelRunner:
             return False
         self.decode_graphs = DecodeGraphs(
             self.run_model,
+            self.block_tables,
             self.block_size,
             -(-self.max_model_len // self.block_size),
             self.scratch_block,
@@ -106,6 +110,8 @@ class ModelRunner:
         t0 = time.perf_counter()
         for rid in plan.finished_ids:
             self.states.pop(rid, None)
+            self.block_tables.drop(rid)
+        rows = []  # each sequence's row in the block tables
         for seq in plan.seqs:
             if seq.new is not None:
                 self.states[seq.request_id] = SamplingState(
@@ -113,6 +119,7 @@ class ModelRunner:
                 )
             if seq.follows_sample:  # planned before the scheduler saw the token sampled here
                 seq.token_ids = [self.states[seq.request_id].last_token_id]
+            rows.append(self.block_tables.update(seq))
         if not plan.seqs:
             if self.lockstep:  # join the other workers' collectives with no tokens
                 self.run_model(torch.empty(0, dtype=torch.int64, device=self.device), None)
@@ -121,10 +128,10 @@ class ModelRunner:
             ), None
 
         if self.decode_graphs is not None and self.decode_graphs.covers(plan.seqs):
-            hidden = self.decode_graphs.run(plan.seqs)  # (B, H)
+            hidden = self.decode_graphs.run(plan.seqs, rows)  # (B, H)
             starts = range(len(plan.seqs))
         else:
-            token_ids, meta, starts = self._prepare(plan.seqs)
+            token_ids, meta, starts = self._prepare(plan.seqs, rows)
             hidden = self.run_model(token_ids, meta)  # (T, H)
 
         sample_rows, logit_rows, results = [], [], []
@@ -191,52 +198,43 @@ class ModelRunner:
         return self.model(token_ids, meta, self.k_caches, self.v_caches)
 
     # ------------------------------------------------------------------ inputs
-    def _prepare(self, seqs: list[SeqPlan]) -> tuple[torch.Tensor, AttentionMetadata, list[int]]:
-        bs = self.block_size
-        token_ids: list[int] = []
-        positions: list[int] = []
-        slot_blocks: list[int] = []  # the cache block of each token (its offset: pos % bs)
-        starts: list[int] = []
-        decode_tables, decode_lens, prefills = [], [], []
-        for seq in seqs:
-            n = len(seq.token_ids)
-            start = len(token_ids)
-            starts.append(start)
-            blocks, first = seq.block_ids, seq.start_pos
-            if n == 1:  # a decode, as most rows of most steps are
-                assert not prefills, "decode rows must come first in a plan"
-                token_ids.append(seq.token_ids[0])
-                positions.append(first)
-                slot_blocks.append(blocks[first // bs])
-                decode_tables.append(blocks)
-                decode_lens.append(first + 1)
-                continue
+    def _prepare(
+        self, seqs: list[SeqPlan], rows: list[int]
+    ) -> tuple[torch.Tensor, AttentionMetadata, list[int]]:
+        """The step's inputs; `rows`: each sequence's row in the block tables."""
+        bs, tables = self.block_size, self.block_tables
+        # a decode (one token, as most rows of most steps are) at each of the first rows
+        num_decodes = next((i for i, s in enumerate(seqs) if len(s.token_ids) != 1), len(seqs))
+        token_ids = [s.token_ids[0] for s in seqs[:num_decodes]]
+        positions = [s.start_pos for s in seqs[:num_decodes]]
+        decode_lens = [p + 1 for p in positions]
+        starts = list(range(num_decodes))
+        table_rows = rows[:num_decodes]
+        decode_blocks = np.asarray(positions, dtype=np.int64) // bs  # (Bd,)
+        assert (decode_blocks < tables.lengths[table_rows]).all(), "a position past its table"
+        slot_blocks = [tables.array[table_rows, decode_blocks]]  # the cache block of each token
+        prefills = []
+        for seq, row in zip(seqs[num_decodes:], rows[num_decodes:]):
+            n, first = len(seq.token_ids), seq.start_pos
+            assert n != 1, "decode rows must come first in a plan"
+            starts.append(len(token_ids))
             token_ids.extend(seq.token_ids)
-            pos = range(first, first + n)
-            positions.extend(pos)
-            slot_blocks.extend(blocks[p // bs] for p in pos)
+            positions.extend(range(first, first + n))
+            blocks = tables.blocks(row)  # (blocks,) int32
+            slot_blocks.append(blocks[np.arange(first, first + n) // bs])
             context_len = first + n
             used = -(-context_len // bs)
-            prefills.append(
-                PrefillChunk(
-                    start,
-                    n,
-                    context_len,
-                    torch.tensor(blocks[:used], dtype=torch.int64, device=self.device),
-                )
-            )
-        width = max((len(t) for t in decode_tables), default=1)
-        padded: list[int] = []  # (B * width) row by row; unused entries: block 0
-        for t in decode_tables:
-            padded += t
-            padded += [0] * (width - len(t))
-        table = torch.tensor(padded, dtype=torch.int32).view(len(decode_tables), width)
+            block_ids = torch.from_numpy(blocks[:used].astype(np.int64)).to(self.device)
+            prefills.append(PrefillChunk(starts[-1], n, context_len, block_ids))
+        # (Bd, width) int32, 0 past each sequence's blocks
+        width = max(1, int(tables.lengths[table_rows].max(initial=0)))
+        table = torch.from_numpy(tables.gather(table_rows, width))
         dev = self.device
         lens = torch.tensor(decode_lens, dtype=torch.int32, device=dev)
-        rows = None
+        in_place = None  # the cache rows decode attention reads (CPU)
         if decode_lens and self.decode_in_place and backend(lens) == "torch":
             cfg = self.cfg
-            rows = decode_rows(
+            in_place = decode_rows(
                 table,
                 lens,
                 cfg.num_kv_heads,
@@ -248,12 +246,12 @@ class ModelRunner:
         position_tensor = torch.tensor(positions, dtype=torch.int64, device=dev)
         meta = AttentionMetadata(
             positions=position_tensor,
-            slot_blocks=torch.tensor(slot_blocks, dtype=torch.int64, device=dev),
+            slot_blocks=torch.from_numpy(np.concatenate(slot_blocks).astype(np.int64)).to(dev),
             slot_offsets=position_tensor % bs,
             num_decode_tokens=len(decode_lens),
             decode_block_tables=table.to(dev),
             decode_context_lens=lens,
             prefills=prefills,
-            decode_rows=rows,
+            decode_rows=in_place,
         )
         return torch.tensor(token_ids, dtype=torch.int64, device=dev), meta, starts

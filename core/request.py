@@ -36,6 +36,7 @@ class Request:
         self.num_computed_tokens = 0
         self.worker: int | None = None  # data-parallel rank holding this request's KV
         self.block_ids: list[int] = []
+        self.num_sent_blocks = 0  # leading blocks of the table its worker has been sent
         self.block_hashes: list[int] = []  # chain hashes of the full blocks, filled lazily
         self.num_published_blocks = 0  # leading blocks already offered to the prefix index
         self.num_preemptions = 0

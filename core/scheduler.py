@@ -218,17 +218,20 @@ class Scheduler:
                     history_token_ids=list(r.all_token_ids) if r.sampling.needs_penalties else [],
                 )
                 r.needs_reset = False
+                r.num_sent_blocks = 0  # the worker starts its table afresh
             per_worker[r.worker].append(
                 SeqPlan(
                     request_id=r.request_id,
                     token_ids=r.all_token_ids[start:end],  # [] for a placeholder
                     start_pos=start,
-                    block_ids=list(r.block_ids),
+                    block_ids=r.block_ids[r.num_sent_blocks :],
                     sample=s.sample,
                     new=new,
                     follows_sample=end > r.num_tokens,
+                    block_start=r.num_sent_blocks,
                 )
             )
+            r.num_sent_blocks = len(r.block_ids)
         plans = [
             StepPlan(step_id=self.step_id, seqs=seqs, finished_ids=list(self._finished_ids[w]))
             for w, seqs in enumerate(per_worker)

@@ -159,12 +159,15 @@ class SeqPlan(Struct):
     request_id: str
     token_ids: list[int]
     start_pos: int  # == num_computed_tokens before this step
-    block_ids: list[int]  # the request's whole block table on this worker
+    # The request's block table on this worker from index `block_start` on: the blocks it
+    # gained since the plan before (all of them with `new`). The worker keeps the table.
+    block_ids: list[int]
     sample: bool  # this chunk reaches the end of the known tokens: sample the next one
     new: NewRequest | None = None
     # Async scheduling: the one token to compute is the one this worker sampled for the
     # request in the step before, which the scheduler has not seen yet (token_ids is empty).
     follows_sample: bool = False
+    block_start: int = 0
 
 
 class StepPlan(Struct):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from titanserve import LLM, SamplingParams
+from titanserve.core.block_tables import BlockTables
 from titanserve.core.cuda_graphs import DecodeGraphs, capture_sizes
 from titanserve.core.engine_config import EngineConfig
 from titanserve.kernels.backend import forced_backend
@@ -26,8 +27,8 @@ def test_sizes_are_small_powers_then_multiples_of_eight_up_to_the_limit():
 def test_static_inputs_are_aligned_as_fresh_tensors_are(max_batch):
     # Triton compiles a kernel variant per pointer alignment: aligned like the eager steps'
     # tensors, the graphs reuse the variants those compile (and the warm-up's).
-    graphs = DecodeGraphs(lambda ids, meta: ids, 16, 7, 99, max_batch, torch.device("cpu"),
-                          capture=False)
+    graphs = DecodeGraphs(lambda ids, meta: ids, BlockTables(7), 16, 7, 99, max_batch,
+                          torch.device("cpu"), capture=False)
     for b in graphs.sizes:
         token_ids, meta = graphs._views(b)
         parts = [token_ids, meta.positions, meta.slot_blocks, meta.slot_offsets,

@@ -9,6 +9,7 @@ import random
 import pytest
 
 from titanserve.core.block_manager import BlockManager
+from titanserve.core.block_tables import BlockTables
 from titanserve.core.request import Request, RequestStatus
 from titanserve.core.sampling_params import SamplingParams
 from titanserve.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
@@ -64,24 +65,31 @@ class FakeKV:
             for bm in scheduler.block_managers
         ]
         self.last_sample: dict[tuple[int, str], int] = {}
+        # what a worker keeps of the tables (the plans carry what they gained)
+        self.tables = [BlockTables(4) for _ in scheduler.block_managers]
 
     def run(self, out: SchedulerOutput, sample=lambda: 7) -> dict[str, int]:
         """Run a step's plans; returns the token sampled for each sampling request."""
         sampled = {}
         for worker, plan in enumerate(out.plans):
+            for request_id in plan.finished_ids:
+                self.tables[worker].drop(request_id)
             for seq in plan.seqs:
                 request = scheduler_request(out, seq.request_id)
                 bs, slots = self.block_size, self.slots[worker]
+                table = self.tables[worker].blocks(self.tables[worker].update(seq)).tolist()
                 tokens = seq.token_ids
                 if seq.follows_sample:
                     assert tokens == [] and request.num_tokens >= seq.start_pos
                     tokens = [self.last_sample[(worker, seq.request_id)]]
                 for i, token in enumerate(tokens):
                     pos = seq.start_pos + i
-                    slots[seq.block_ids[pos // bs]][pos % bs] = token
+                    slots[table[pos // bs]][pos % bs] = token
                 context = seq.start_pos + len(tokens)
                 if request.status == RequestStatus.RUNNING and request.worker == worker:
-                    held = [slots[seq.block_ids[p // bs]][p % bs] for p in range(context)]
+                    # a prefix: the step planned ahead may have grown the table since
+                    assert table == request.block_ids[: len(table)], seq.request_id
+                    held = [slots[table[p // bs]][p % bs] for p in range(context)]
                     assert held == request.all_token_ids[:context], seq.request_id
                 # else it ended (or was preempted) while the step was in flight: work wasted
                 if seq.sample:
@@ -111,7 +119,10 @@ def test_chunked_prefill_splits_a_long_prompt_into_budget_sized_chunks():
     ]
     assert [p.token_ids for p in plans[:4]] == [prompt[:16], prompt[16:32], prompt[32:48], [51, 52]]
     assert plans[4].token_ids == plans[5].token_ids == [7]
-    assert [len(p.block_ids) for p in plans] == [4, 8, 12, 13, 13, 13]
+    # each plan sends the blocks the table gained since the one before
+    assert [(p.block_start, len(p.block_ids)) for p in plans] == [
+        (0, 4), (4, 4), (8, 4), (12, 1), (13, 0), (13, 0)
+    ]
     assert plans[0].new is not None and plans[0].new.num_prompt_tokens == 50
     assert all(p.new is None for p in plans[1:])
 
@@ -422,7 +433,7 @@ def test_async_plan_follows_the_sample_in_flight_and_stops_where_length_ends_it(
     second = scheduler.schedule(ahead_of=first)  # first's token is not known yet
     (seq,) = second.plans[0].seqs
     assert (seq.start_pos, seq.token_ids, seq.follows_sample, seq.sample) == (6, [], True, True)
-    assert len(seq.block_ids) == 2  # room for position 6
+    assert seq.block_start + len(seq.block_ids) == 2  # room for position 6
     request = scheduler.requests["a"]
     assert (request.num_computed_tokens, request.num_tokens) == (0, 6)  # nothing changed yet
     assert [(r.request_id, t) for r, t in scheduler.update(first, {"a": 10})] == [("a", 10)]
