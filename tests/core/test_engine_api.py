@@ -348,3 +348,23 @@ def test_worker_state_of_finished_requests_is_dropped(tiny_model, random_prompts
         (second,) = llm.generate(random_prompts([6], seed=1), greedy(4))
         assert set(states) == {second.request_id}
         assert not set(states) & {o.request_id for o in first}
+        # and so are their block tables
+        assert len(llm.engine.executor.runner.block_tables) == 1
+
+
+def test_a_step_sent_but_never_collected_still_runs(tiny_model, random_prompts):
+    """A worker runs every plan it is sent; so does the in-process executor when the engine
+    failed between sending a step and collecting it: the next plans carry only the blocks
+    that step did not, and generation goes on as in a clean run."""
+    prompts = random_prompts([9, 20], seed=3)
+    with make_llm(tiny_model("llama")) as llm:
+        want = [o.token_ids for o in llm.generate(prompts, greedy(6))]
+        engine = llm.engine
+        for i, prompt in enumerate(prompts):
+            engine.add_request(prompt, greedy(6), request_id=f"x{i}")
+        engine.executor.submit(engine.scheduler.schedule().plans)  # then the engine failed
+        outs: dict[str, list[int]] = {}
+        while engine.has_unfinished():
+            for delta in engine.step():
+                outs.setdefault(delta.request_id, []).extend(delta.new_token_ids)
+    assert [outs[f"x{i}"] for i in range(2)] == want
