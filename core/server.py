@@ -28,6 +28,7 @@ from titanserve.ipc.messages import (
     GenerateRequest,
     HealthReply,
     HealthRequest,
+    OutputBatch,
     OutputDelta,
     StatsReply,
     StatsRequest,
@@ -197,11 +198,18 @@ class Server:
                     kind="internal", message=f"server error: {e}", request_id=owner.request_id))
             self.owners.clear()
             raise
+        batches: dict[bytes, list[OutputDelta]] = {}  # one message per client a step
         for delta in deltas:
-            self._deliver(delta.request_id, delta)
+            self._deliver(delta.request_id, delta, batches)
+        for client, batch in batches.items():
+            self._send(client, batch[0] if len(batch) == 1 else OutputBatch(deltas=batch))
 
     # ------------------------------------------------------------------ replies
-    def _deliver(self, rid: str, delta: StepDelta) -> None:
+    def _deliver(
+        self, rid: str, delta: StepDelta, batches: dict[bytes, list[OutputDelta]] | None = None
+    ) -> None:
+        """Turn an engine delta into its client's OutputDelta: sent now, or added to the
+        client's list in `batches`."""
         owner = self.owners.get(rid)
         if owner is None:
             return
@@ -212,7 +220,7 @@ class Server:
         out, start = owner.output, owner.num_sent_tokens
         owner.num_sent_tokens = len(out.token_ids)
         self.num_generated_tokens += len(out.token_ids) - start
-        self._send(owner.client, OutputDelta(
+        reply = OutputDelta(
             request_id=owner.request_id,
             new_token_ids=out.token_ids[start:],
             new_text=delta.new_text if owner.stream else out.text,
@@ -222,7 +230,11 @@ class Server:
             top_logprobs=out.top_logprobs[start:] if out.top_logprobs is not None else None,
             num_prompt_tokens=len(out.prompt_token_ids),
             num_generated_tokens=len(out.token_ids),
-        ))
+        )
+        if batches is None:
+            self._send(owner.client, reply)
+        else:
+            batches.setdefault(owner.client, []).append(reply)
 
     def _send(self, client: bytes, msg) -> None:
         # ROUTER never blocks: a gone client's (or one SNDHWM behind) replies are dropped

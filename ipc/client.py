@@ -2,7 +2,8 @@
 
 One DEALER socket per client. Each message is one msgpack frame (`ipc/messages.py`): the
 client sends GenerateRequest / AbortRequest / HealthRequest / StatsRequest and reads back
-OutputDelta / ErrorReply / HealthReply / StatsReply. Replies are matched to their waiter by
+OutputDelta (a step's several in an OutputBatch) / ErrorReply / HealthReply / StatsReply.
+Replies are matched to their waiter by
 request id (health and stats by reply type); replies nobody waits for any more (late deltas of
 an aborted request) are dropped. Every wait is bounded by `timeout_s` and raises `Timeout`.
 
@@ -36,6 +37,7 @@ from titanserve.ipc.messages import (
     GenerateRequest,
     HealthReply,
     HealthRequest,
+    OutputBatch,
     OutputDelta,
     StatsReply,
     StatsRequest,
@@ -174,7 +176,11 @@ def _route(data: bytes, requests: dict, asks: dict) -> None:
     except (*DECODE_ERRORS, msgspec.ValidationError) as e:
         _fail_all(TitanserveError(f"unreadable reply from the server: {e}"), requests, asks)
         return
-    if isinstance(msg, (HealthReply, StatsReply)):
+    if isinstance(msg, OutputBatch):
+        for delta in msg.deltas:
+            if (box := requests.get(delta.request_id)) is not None:
+                box.put(delta)
+    elif isinstance(msg, (HealthReply, StatsReply)):
         if (box := asks.pop(type(msg), None)) is not None:
             box.put(msg)
     elif msg.request_id is not None:

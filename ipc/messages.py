@@ -51,7 +51,8 @@ class ChatMessage(Struct):
 class GenerateRequest(Struct):
     """Generate from exactly one of `prompt`, `prompt_token_ids` or chat `messages`.
 
-    With `stream` the scheduler sends an OutputDelta per step, else one final OutputDelta.
+    With `stream` the scheduler sends an OutputDelta per step (those of one step for one
+    client's requests in an OutputBatch), else one final OutputDelta.
     `add_generation_prompt` (chat only) ends the prompt with the assistant turn's header.
     """
 
@@ -101,6 +102,13 @@ class OutputDelta(Struct):
     num_generated_tokens: int = 0
 
 
+class OutputBatch(Struct):
+    """The OutputDeltas one engine step has for one client's requests, in one message: a
+    message for each cost the scheduler ~6 µs, 1.5 ms a step at 256 streamed requests."""
+
+    deltas: list[OutputDelta]
+
+
 class ErrorReply(Struct):
     """A request (or a message that could not be read: no `request_id`) failed.
 
@@ -138,7 +146,7 @@ class StatsReply(Struct):
 
 
 ToScheduler = GenerateRequest | AbortRequest | HealthRequest | StatsRequest
-ToClient = OutputDelta | ErrorReply | HealthReply | StatsReply
+ToClient = OutputDelta | OutputBatch | ErrorReply | HealthReply | StatsReply
 
 
 # ---------------------------------------------------------------- scheduler -> worker

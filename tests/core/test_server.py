@@ -35,14 +35,24 @@ class RawClient:
             self.sock.curve_serverkey = curve_server_key
         self.sock.connect(address)
         self.decoder = msgspec.msgpack.Decoder(m.ToClient)
+        self.unread: list = []  # the rest of an OutputBatch
+        self.batches: list[int] = []  # the size of each OutputBatch received
 
     def send(self, msg) -> None:
         self.sock.send(msgspec.msgpack.encode(msg))
 
     def recv(self, timeout_s: float = 30.0):
+        """The next reply; the deltas of an OutputBatch one by one (`batches` counts those)."""
+        if self.unread:
+            return self.unread.pop(0)
         if not self.sock.poll(int(timeout_s * 1000)):
             raise TimeoutError("no reply")
-        return self.decoder.decode(self.sock.recv())
+        reply = self.decoder.decode(self.sock.recv())
+        if isinstance(reply, m.OutputBatch):
+            self.batches.append(len(reply.deltas))
+            self.unread = list(reply.deltas[1:])
+            return reply.deltas[0]
+        return reply
 
     def until_finished(self, request_id: str) -> list:
         replies = []
@@ -137,6 +147,25 @@ def test_stream_deltas_add_up_and_text_prompts_and_chat_work(served, client):
                                   messages=[m.ChatMessage(role="user", content="hi there")]))
     (reply,) = client.until_finished("c")
     assert (reply.new_token_ids, reply.new_text) == (chat_want.token_ids, chat_want.text)
+
+
+def test_a_steps_deltas_for_one_client_come_in_one_message(served, client, random_prompts):
+    """Streams of one client share each step's message (an OutputBatch); each adds up."""
+    _, reference = served
+    prompts = random_prompts([3, 8, 5, 12], seed=2)
+    want = reference.generate(prompts, greedy(10))
+    for i, prompt in enumerate(prompts):
+        client.send(m.GenerateRequest(request_id=f"b{i}", sampling=greedy(10),
+                                      prompt_token_ids=prompt, stream=True))
+    tokens: dict[str, list[int]] = {f"b{i}": [] for i in range(len(prompts))}
+    done = set()
+    while len(done) < len(prompts):
+        reply = client.recv()
+        tokens[reply.request_id] += reply.new_token_ids
+        if reply.finished:
+            done.add(reply.request_id)
+    assert [tokens[f"b{i}"] for i in range(len(prompts))] == [w.token_ids for w in want]
+    assert client.batches and max(client.batches) == len(prompts)
 
 
 def test_bad_input_gets_error_replies_and_serving_goes_on(served, client):

@@ -53,6 +53,8 @@ TO_CLIENT_SAMPLES = [
         num_generated_tokens=2,
     ),
     m.OutputDelta(request_id="c", finished=True, finish_reason="abort"),
+    m.OutputBatch(deltas=[m.OutputDelta(request_id="a", new_token_ids=[5]),
+                          m.OutputDelta(request_id="d", finished=True, finish_reason="stop")]),
     m.ErrorReply(request_id="a", kind="overloaded", message="queue is full: retry later"),
     m.ErrorReply(kind="invalid_request", message="message could not be decoded"),
     m.HealthReply(ok=True, num_workers=2, workers_alive=2, uptime_s=12.5),
