@@ -29,6 +29,8 @@ class BlockTables:
         if row is None:
             row = self._row_of[seq.request_id] = self._take_row()
         start, length = seq.block_start, int(self.lengths[row])
+        if start == length and not seq.block_ids:  # most steps: nothing gained
+            return row
         end = start + len(seq.block_ids)
         if not 0 <= start <= length:
             raise ValueError(
