@@ -18,10 +18,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from titanserve.kernels.paged_decode import EXP_FLOOR
+
+# Scores are computed in base 2 (log2(e) folded into the query scale): torch's exp2 runs ~3x
+# faster than its exp on this CPU (31 vs 90 µs for a decode batch's 106k scores), and
+# 2^(s*log2 e) = e^s to within |s| * 6e-8 relative.
+LOG2E = math.log2(math.e)
+EXP2_FLOOR = EXP_FLOOR * LOG2E
 
 # Past this many row indices (Hq * (D + bs) per page in use) a step's index, and each layer's
 # per-index weights, would cost more memory than gathering pages does: `decode_rows` declines.
@@ -126,11 +134,11 @@ def paged_decode_attn_rows(
     if N == 0:
         return out.zero_(), torch.full((B, Hq), float("-inf")) if with_lse else None
     # contiguous before the gather: index_select on the permuted view took twice as long
-    queries = torch.mul(q.transpose(0, 1), scale, out=q.new_empty(Hq, B, D))  # Hq = (Hk, G)
+    queries = torch.mul(q.transpose(0, 1), scale * LOG2E, out=q.new_empty(Hq, B, D))  # (Hk, G)
     weights = queries.index_select(1, rows.seq_of_page).view(-1, D)  # (Hk*G*N, D)
     s = F.embedding_bag(
         rows.key_rows, key_pages.view(-1, bs), mode="sum", per_sample_weights=weights
-    ).view(HG, N, bs)  # scaled scores of every page's slots; hidden ones hold garbage
+    ).view(HG, N, bs)  # scaled base-2 scores of every page's slots; hidden ones: garbage
     seqs = rows.seq_of_page.expand(HG, N)
     m = None  # (HG, B) the max subtracted from each sequence's scores; None: 0
     p_denom = _probs_unshifted(s, seqs, rows.hidden, B)
@@ -138,7 +146,7 @@ def paged_decode_attn_rows(
         s.view(-1).index_fill_(0, rows.hidden, float("-inf"))  # out of the maxima
         m = s.new_full((HG, B), float("-inf")).scatter_reduce_(1, seqs, s.amax(dim=2), "amax")
         shifted = s.sub_(m.gather(1, seqs)[..., None])  # (HG, N, bs); m is finite where used
-        p, denom = _exp_and_sums(shifted.clamp_(min=EXP_FLOOR), seqs, rows.hidden, B)
+        p, denom = _exp_and_sums(shifted.clamp_(min=EXP2_FLOOR), seqs, rows.hidden, B)
     else:
         p, denom = p_denom
     weighted = F.embedding_bag(
@@ -151,7 +159,7 @@ def paged_decode_attn_rows(
     torch.div(weighted, denom.clamp(min=UNSHIFTED_MIN_DENOM)[..., None], out=out.transpose(0, 1))
     if not with_lse:
         return out, None
-    lse = denom.log() if m is None else m + denom.log()  # (HG, B), -inf for an empty context
+    lse = denom.log() if m is None else m / LOG2E + denom.log()  # (HG, B), -inf: no context
     return out, lse.t().contiguous()
 
 
@@ -164,7 +172,7 @@ def _probs_unshifted(
     """`(exp(s), per-sequence sums (HG, B))` when that equals softmax with each sequence's max
     subtracted up to rounding (see UNSHIFTED_MAX_DENOM); else None, s left as it was. It
     replaces the per-page maxima, their scatter to sequences and the subtraction."""
-    p, denom = _exp_and_sums(s.clamp(min=EXP_FLOOR), seqs, hidden, B)
+    p, denom = _exp_and_sums(s.clamp(min=EXP2_FLOOR), seqs, hidden, B)
     low, high = torch.aminmax(denom)
     if not (UNSHIFTED_MIN_DENOM <= float(low) and float(high) <= UNSHIFTED_MAX_DENOM):
         return None  # a score past e^30 (or nan), or a sequence with tiny scores (or none)
@@ -172,14 +180,14 @@ def _probs_unshifted(
 
 
 def _exp_and_sums(
-    floored: torch.Tensor,  # (HG, N, bs) scores clamped at EXP_FLOOR, overwritten
+    floored: torch.Tensor,  # (HG, N, bs) base-2 scores clamped at EXP2_FLOOR, overwritten
     seqs: torch.Tensor,  # (HG, N) the sequence of each page
     hidden: torch.Tensor,
     B: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(exp(floored) with hidden slots 0, its per-sequence sums (HG, B))`; 0: no context.
+    """`(2^floored with hidden slots 0, its per-sequence sums (HG, B))`; 0: no context.
     NOTE: flooring first is for speed too: exp() of -inf or of scores below -87 (underflow)
     takes 1.5-3x as long here."""
-    p = floored.exp_()
+    p = floored.exp2_()
     p.view(-1).index_fill_(0, hidden, 0.0)
     return p, p.new_zeros(p.shape[0], B).scatter_add_(1, seqs, p.sum(dim=2))
