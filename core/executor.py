@@ -51,6 +51,7 @@ class InProcessExecutor:
         )
         if config.uses_decode_graphs(device):
             self.runner.capture_decode_graphs(config.max_num_seqs, progress=config.progress)
+        self.runner.warm_up_cpu_linears(config.max_num_seqs)
 
         self._plans: list[StepPlan] | None = None
 

@@ -24,7 +24,8 @@ from titanserve.core.model.loader import load_weights
 from titanserve.core.sampler import Sampler, SamplingState
 from titanserve.ipc.messages import SeqPlan, SeqResult, StepPlan, StepResult
 from titanserve.kernels.backend import backend
-from titanserve.kernels.cpu_linear import pack_linear_weights
+from titanserve.kernels.cpu_experts import pack_expert_weights, packed_expert_matrices
+from titanserve.kernels.cpu_linear import pack_linear_weights, warm_up_packed
 from titanserve.kernels.fused_moe import use_input_major_experts
 from titanserve.kernels.paged_decode_rows import decode_rows
 from titanserve.moe.layer import MoELayer
@@ -68,7 +69,8 @@ class ModelRunner:
             torch.set_default_dtype(previous)
         load_weights(self.model, model_path, placement, progress=progress)
         pack_linear_weights(self.model)  # CPU weights: oneDNN layout, once (kernels.cpu_linear)
-        use_input_major_experts(self.model)  # and experts in the layout the torch matmuls read
+        pack_expert_weights(self.model)  # and experts, one packed matrix per expert
+        use_input_major_experts(self.model)  # or, where oneDNN cannot, the layout BLAS reads
         self.k_caches, self.v_caches = allocate_kv_caches(
             cfg.num_layers, cfg.num_kv_heads, self.num_blocks, block_size, cfg.head_dim, dtype,
             device,
@@ -80,6 +82,12 @@ class ModelRunner:
         self.states: dict[str, SamplingState] = {}
         self.block_tables = BlockTables(-(-max_model_len // block_size))
         self.decode_graphs: DecodeGraphs | None = None
+
+    def warm_up_cpu_linears(self, max_batch: int) -> int:
+        """Build oneDNN's kernels for the packed weights' row buckets up to `max_batch`
+        (kernels.cpu_linear: each new row count costs ~0.5 ms once); returns how many."""
+        weights = [*self.model.parameters(), *packed_expert_matrices(self.model)]
+        return warm_up_packed(weights, max_batch)
 
     def capture_decode_graphs(
         self, max_batch: int, capture: bool = True, progress: bool = True

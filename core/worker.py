@@ -111,6 +111,7 @@ def worker_main(run_dir: str, rank: int, cores: list[int] | None = None) -> None
         if config.uses_decode_graphs(device):
             progress = config.progress and rank == 0
             runner.capture_decode_graphs(config.max_num_seqs, progress=progress)
+        runner.warm_up_cpu_linears(config.max_num_seqs)
         sock.send(
             encoder.encode(
                 WorkerReady(

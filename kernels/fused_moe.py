@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from titanserve.kernels.backend import MOE_CONFIG_DIR, backend
+from titanserve.kernels.cpu_linear import linear
 from titanserve.kernels.launch import cdiv, require, require_launchable
 from titanserve.kernels.moe_align import align_blocks
 from titanserve.kernels.weight_layout import relayout_listed_weights
@@ -59,7 +60,8 @@ def fused_moe_torch(
     """`out[t] = sum_k w[t,k] * down_e(act(gate_e(x_t), up_e(x_t)))`, e = local(topk_ids[t,k]).
 
     Pairs routed to experts that `expert_map` marks non-local (-1) contribute 0. Accumulates in
-    fp32; the result is in x.dtype.
+    fp32; the result is in x.dtype. The weights are dense stacks or `cpu_experts.PackedExperts`
+    (then always the per-expert loop).
     """
     T, H = x.shape
     E_local = w_gate_up.shape[0]
@@ -79,7 +81,9 @@ def fused_moe_torch(
     xs = x.index_select(0, tokens)  # (P, H)
     act = (activation, swiglu_limit, swiglu_alpha)
     longest = max(counts, default=0)
-    batched = 0 < longest <= BATCHED_MAX_ROWS and longest * E_local <= MAX_PADDING * len(pairs)
+    dense = isinstance(w_gate_up, torch.Tensor) and isinstance(w_down, torch.Tensor)
+    batched = (dense and 0 < longest <= BATCHED_MAX_ROWS
+               and longest * E_local <= MAX_PADDING * len(pairs))
     experts = _experts_batched if batched else _experts_looped
     ys = experts(xs, counts, w_gate_up, w_down, gate_up_bias, down_bias, act)  # (P, H) fp32
     ys.mul_(weights[:, None])
@@ -114,14 +118,13 @@ MAX_PADDING = 2.0  # padded rows <= MAX_PADDING * routed pairs
 BATCHED_MAX_ROWS = 256  # rows of the busiest expert
 
 
-def _ffn_tail(h, gate_up_bias, w_down, down_bias, dtype, act) -> torch.Tensor:
-    """gate_up output h (..., n, 2I) fp32 of one expert (2-D weights) or all (3-D, batched)
-    -> bias, activation, down projection (+ bias): (..., n, H) fp32."""
+def _ffn_tail(h, gate_up_bias, down, down_bias, dtype, act) -> torch.Tensor:
+    """gate_up output h (..., n, 2I) fp32 of one expert or all (batched) -> bias, activation,
+    `down` projection (a -> a @ w_down^T) (+ bias): (..., n, H) fp32."""
     inter = h.shape[-1] // 2
     if gate_up_bias is not None:
         h = h + gate_up_bias.float().unsqueeze(-2)
-    a = activate(h[..., :inter], h[..., inter:], *act).to(dtype)
-    y = torch.matmul(a, w_down.transpose(-1, -2)).float()
+    y = down(activate(h[..., :inter], h[..., inter:], *act).to(dtype)).float()
     return y if down_bias is None else y + down_bias.float().unsqueeze(-2)
 
 
@@ -135,12 +138,13 @@ def _experts_batched(xs, counts, w_gate_up, w_down, gate_up_bias, down_bias, act
     dest = expert * longest + torch.arange(len(xs), device=xs.device) - first[expert]  # (P,)
     padded = xs.new_zeros(E * longest, H).index_copy_(0, dest, xs).view(E, longest, H)
     h = torch.bmm(padded, w_gate_up.transpose(1, 2)).float()  # (E, longest, 2I)
-    y = _ffn_tail(h, gate_up_bias, w_down, down_bias, xs.dtype, act)  # (E, longest, H)
+    y = _ffn_tail(h, gate_up_bias, lambda a: torch.matmul(a, w_down.transpose(-1, -2)),
+                  down_bias, xs.dtype, act)  # (E, longest, H)
     return y.view(E * longest, H).index_select(0, dest)  # (P, H)
 
 
 def _experts_looped(xs, counts, w_gate_up, w_down, gate_up_bias, down_bias, act):
-    """One matmul pair per expert on its rows (rows sorted by expert)."""
+    """One linear pair per expert on its rows (rows sorted by expert); dense or packed weights."""
     ys = torch.empty(len(xs), xs.shape[1], dtype=torch.float32, device=xs.device)  # (P, H)
     start = 0
     for e, n in enumerate(counts):
@@ -148,11 +152,11 @@ def _experts_looped(xs, counts, w_gate_up, w_down, gate_up_bias, down_bias, act)
             continue
         rows = slice(start, start + n)
         start += n
-        h = (xs[rows] @ w_gate_up[e].t()).float()  # (n, 2I)
+        h = linear(xs[rows], w_gate_up[e]).float()  # (n, 2I)
         ys[rows] = _ffn_tail(
             h,
             None if gate_up_bias is None else gate_up_bias[e],
-            w_down[e],
+            lambda a, w=w_down[e]: linear(a, w),
             None if down_bias is None else down_bias[e],
             xs.dtype,
             act,

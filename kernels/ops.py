@@ -156,7 +156,9 @@ def fused_moe(
              f"fused_moe: down_bias must be ({E_local}, {H})")
     _require(expert_map is None or expert_map.dim() == 1,
              "fused_moe: expert_map must be (E_global,) global -> local index or -1")
-    impl = fused_moe_triton if _triton(x) else fused_moe_torch
+    # Experts packed for oneDNN (kernels.cpu_experts) only run on the torch path.
+    packed = not isinstance(w_gate_up, torch.Tensor) or not isinstance(w_down, torch.Tensor)
+    impl = fused_moe_triton if _triton(x) and not packed else fused_moe_torch
     return impl(x, w_gate_up, w_down, topk_weights, topk_ids, expert_map, activation,
                 gate_up_bias, down_bias, swiglu_limit, swiglu_alpha)
 

@@ -16,9 +16,8 @@ lengths, and a short sequence never reads a long one's padding).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F

@@ -110,3 +110,31 @@ def test_a_build_whose_packed_linear_fails_keeps_weights_dense(monkeypatch):
         monkeypatch.undo()
         cpu_linear._packed_linear_works.cache_clear()
     assert cpu_linear.can_pack(torch.randn(4, 4))
+
+
+def test_row_buckets_are_few_and_pad_by_at_most_an_eighth():
+    buckets = [cpu_linear.padded_rows(rows) for rows in range(0, 8193)]
+    assert buckets[:17] == [0, 1, 2, 4, 4, 8, 8, 8, 8] + [16] * 8
+    assert all(b >= rows for rows, b in enumerate(buckets))
+    assert all(b - rows <= rows / 8 for rows, b in enumerate(buckets) if rows > 16)
+    assert all(cpu_linear.padded_rows(b) == b for b in buckets)  # a bucket is its own bucket
+    assert len(set(buckets[1:257])) == 37 and len(set(buckets[1:])) == 77
+
+
+def test_padded_rows_never_reach_the_output():
+    """Row counts between buckets: the padding rows are computed and sliced off."""
+    weight, bias = torch.randn(24, 8), torch.randn(24)
+    packed = cpu_linear.pack(weight)
+    for rows in (3, 17, 33, 1000):
+        x = torch.randn(rows, 8)
+        with torch.inference_mode():
+            out = cpu_linear.linear(x, packed, bias)
+        assert out.shape == (rows, 24) and out.is_contiguous()
+        torch.testing.assert_close(out, F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+
+
+def test_warm_up_builds_each_packed_shape_once_per_bucket():
+    weights = [cpu_linear.pack(torch.randn(16, 8)), cpu_linear.pack(torch.randn(16, 8)),
+               cpu_linear.pack(torch.randn(4, 8)), torch.randn(16, 8)]  # the dense one: skipped
+    assert cpu_linear.warm_up_packed(weights, max_rows=20) == 2 * 7  # 1 2 4 8 16 18 20
+    assert cpu_linear.warm_up_packed(weights, max_rows=0) == 0

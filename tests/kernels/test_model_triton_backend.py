@@ -7,6 +7,7 @@ import torch
 from titanserve import LLM, SamplingParams
 from titanserve.kernels.backend import forced_backend
 from titanserve.launcher.tiny_models import make_tiny
+from titanserve.moe.layer import MoELayer
 
 
 def run(llm: LLM, prompts: list[list[int]]):
@@ -21,8 +22,13 @@ def test_tiny_mixtral_triton_backend_matches_torch(tmp_path):
     prompts = [[5, 9, 33, 70, 101, 7, 250], [17, 18]]  # a prefill chunk and a short one
     with LLM(path, progress=False, block_size=4) as llm:
         ref_logits, ref_outs = run(llm, prompts)
-        with forced_backend("triton"):
-            tri_logits, tri_outs = run(llm, prompts)
+    # Loaded under the forced backend: the experts stay dense stacks for the Triton kernel
+    # (on the torch backend they are packed for oneDNN, kernels.cpu_experts).
+    with forced_backend("triton"), LLM(path, progress=False, block_size=4) as llm:
+        model = llm.engine.executor.runner.model
+        assert all(isinstance(m.w_gate_up, torch.Tensor) for m in model.modules()
+                   if isinstance(m, MoELayer))
+        tri_logits, tri_outs = run(llm, prompts)
     for a, b in zip(tri_logits, ref_logits):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     for a, b in zip(tri_outs, ref_outs):

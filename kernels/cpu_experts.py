@@ -1,0 +1,71 @@
+"""MoE expert weights on CPU, each expert's matrix packed once for oneDNN.
+
+A stack of expert weights (E, N, K) multiplied per expert through BLAS is repacked into BLAS's
+panel layout on every call, as a dense linear is (see `kernels.cpu_linear`). Packed per expert,
+a loop of `cpu_linear.linear` calls reads each expert in oneDNN's layout. On the development
+machine (AMD EPYC, 2 threads), the demo's SmolLM2-MoE (bf16, 30 layers of 8 experts, H 576,
+I 1536) decoded 3 requests at 53 ms a step instead of 67 ms (dense stacks), prefilled 16
+prompts 1.2x faster and decoded them 1.14x faster; a tiny fp32 Mixtral (H 256, I 384) ran the
+throughput benchmark as fast either way (its decode steps used padded batched matmuls).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from titanserve.kernels.backend import backend
+from titanserve.kernels.cpu_linear import can_pack, pack
+
+
+class PackedExperts:
+    """An (E, N, K) expert weight stack held as E oneDNN-packed (N, K) matrices: expert e's
+    projection is `cpu_linear.linear(x, stack[e])`. It answers what `fused_moe` asks of a
+    dense stack (shape, dtype, device, dim, numel); it has no dense storage to index."""
+
+    def __init__(self, stacked: torch.Tensor) -> None:  # (E, N, K)
+        if stacked.dim() != 3 or not can_pack(stacked[0]):
+            raise ValueError(
+                f"PackedExperts: cannot pack a {stacked.dtype} {tuple(stacked.shape)} stack on "
+                f"{stacked.device} (needs (E, N, K) fp32/bf16 in host memory and oneDNN)"
+            )
+        self.shape, self.dtype, self.device = stacked.shape, stacked.dtype, stacked.device
+        self.experts = [pack(weight) for weight in stacked.unbind(0)]  # E x (N, K)
+
+    def dim(self) -> int:
+        return 3
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, expert: int) -> torch.Tensor:  # (N, K), packed
+        return self.experts[expert]
+
+
+def pack_expert_weights(model: nn.Module) -> int:
+    """Replace, in place, every expert stack a module lists in its `EXPERT_WEIGHTS` class
+    attribute by a `PackedExperts` where the torch backend runs it and oneDNN takes it;
+    returns how many. The dense stacks are dropped (memory does not grow)."""
+    packed = 0
+    for module in model.modules():
+        for name in getattr(type(module), "EXPERT_WEIGHTS", ()):
+            weight = getattr(module, name, None)
+            if (isinstance(weight, torch.Tensor) and weight.dim() == 3 and weight.shape[0]
+                    and backend(weight) == "torch" and can_pack(weight[0])):
+                delattr(module, name)  # a registered parameter cannot be set to a non-tensor
+                setattr(module, name, PackedExperts(weight))
+                packed += 1
+    return packed
+
+
+def packed_expert_matrices(model: nn.Module) -> list[torch.Tensor]:
+    """One packed matrix of each `PackedExperts` in `model` (the shapes its experts have)."""
+    return [
+        stack[0]
+        for module in model.modules()
+        for name in getattr(type(module), "EXPERT_WEIGHTS", ())
+        if isinstance(stack := getattr(module, name, None), PackedExperts) and len(stack)
+    ]
