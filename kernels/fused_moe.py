@@ -11,13 +11,14 @@ import functools
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from titanserve.kernels.backend import MOE_CONFIG_DIR, backend
-from titanserve.kernels.cpu_linear import linear
+from titanserve.kernels.cpu_linear import linear, padded_rows
 from titanserve.kernels.launch import cdiv, require, require_launchable
 from titanserve.kernels.moe_align import align_blocks
 from titanserve.kernels.weight_layout import relayout_listed_weights
@@ -78,14 +79,17 @@ def fused_moe_torch(
                          f"{E_local} are here; pass expert_map (global -> local or -1)")
     tokens = pairs // K  # (P,)
     weights = topk_weights.reshape(-1)[pairs].float()  # (P,)
-    xs = x.index_select(0, tokens)  # (P, H)
     act = (activation, swiglu_limit, swiglu_alpha)
-    longest = max(counts, default=0)
-    dense = isinstance(w_gate_up, torch.Tensor) and isinstance(w_down, torch.Tensor)
-    batched = (dense and 0 < longest <= BATCHED_MAX_ROWS
-               and longest * E_local <= MAX_PADDING * len(pairs))
-    experts = _experts_batched if batched else _experts_looped
-    ys = experts(xs, counts, w_gate_up, w_down, gate_up_bias, down_bias, act)  # (P, H) fp32
+    packed = not isinstance(w_gate_up, torch.Tensor) or not isinstance(w_down, torch.Tensor)
+    if packed and any(padded_rows(n) != n for n in counts):
+        ys = _experts_packed(x, tokens, counts, w_gate_up, w_down, gate_up_bias, down_bias, act)
+    else:  # dense stacks, or every expert's rows already a bucket (1 token: 1 row each)
+        xs = x.index_select(0, tokens)  # (P, H)
+        longest = max(counts, default=0)
+        batched = (not packed and 0 < longest <= BATCHED_MAX_ROWS
+                   and longest * E_local <= MAX_PADDING * len(pairs))
+        experts = _experts_batched if batched else _experts_looped
+        ys = experts(xs, counts, w_gate_up, w_down, gate_up_bias, down_bias, act)  # (P, H) fp32
     ys.mul_(weights[:, None])
     # Each (token, k) pair owns one row: scatter without accumulation, then sum over k.
     per_pair = torch.zeros(T * K, H, dtype=torch.float32, device=x.device)  # (T*K, H)
@@ -144,7 +148,7 @@ def _experts_batched(xs, counts, w_gate_up, w_down, gate_up_bias, down_bias, act
 
 
 def _experts_looped(xs, counts, w_gate_up, w_down, gate_up_bias, down_bias, act):
-    """One linear pair per expert on its rows (rows sorted by expert); dense or packed weights."""
+    """One matmul pair per expert on its rows (rows sorted by expert)."""
     ys = torch.empty(len(xs), xs.shape[1], dtype=torch.float32, device=xs.device)  # (P, H)
     start = 0
     for e, n in enumerate(counts):
@@ -152,16 +156,42 @@ def _experts_looped(xs, counts, w_gate_up, w_down, gate_up_bias, down_bias, act)
             continue
         rows = slice(start, start + n)
         start += n
-        h = linear(xs[rows], w_gate_up[e]).float()  # (n, 2I)
-        ys[rows] = _ffn_tail(
-            h,
-            None if gate_up_bias is None else gate_up_bias[e],
-            lambda a, w=w_down[e]: linear(a, w),
-            None if down_bias is None else down_bias[e],
-            xs.dtype,
-            act,
-        )
+        ys[rows] = _expert_ffn(xs[rows], e, w_gate_up, w_down, gate_up_bias, down_bias, act)
     return ys
+
+
+def _experts_packed(x, tokens, counts, w_gate_up, w_down, gate_up_bias, down_bias, act):
+    """The per-expert loop over oneDNN-packed experts (`cpu_experts.PackedExperts`). Each
+    expert's rows are gathered padded to its linears' row bucket (`cpu_linear.padded_rows`),
+    all in one buffer, so that no linear pads a copy of its own (a few ops more per call, in a
+    loop of 2 per expert per layer); the padding rows repeat token 0 and are dropped."""
+    sizes = np.asarray(counts)  # (E,)
+    buckets = np.fromiter((padded_rows(n) for n in counts), dtype=np.int64, count=len(counts))
+    bucket_starts = np.cumsum(buckets) - buckets  # (E,)
+    shift = np.repeat(bucket_starts - (np.cumsum(sizes) - sizes), sizes)  # (P,)
+    dest = torch.from_numpy(shift + np.arange(len(shift))).to(x.device)  # (P,) buffer row
+    rows_total = int(buckets.sum())
+    row_tokens = tokens.new_zeros(rows_total).index_copy_(0, dest, tokens)  # (R,)
+    xs = x.index_select(0, row_tokens)  # (R, H)
+    ys = torch.empty(rows_total, x.shape[1], dtype=torch.float32, device=x.device)  # (R, H)
+    for e, (n, start, size) in enumerate(zip(counts, bucket_starts.tolist(), buckets.tolist())):
+        if n:
+            rows = slice(start, start + size)
+            ys[rows] = _expert_ffn(xs[rows], e, w_gate_up, w_down, gate_up_bias, down_bias, act)
+    return ys.index_select(0, dest)  # (P, H)
+
+
+def _expert_ffn(xs, e, w_gate_up, w_down, gate_up_bias, down_bias, act) -> torch.Tensor:
+    """Expert e on rows xs (n, H), dense or packed weights -> (n, H) fp32."""
+    h = linear(xs, w_gate_up[e]).float()  # (n, 2I)
+    return _ffn_tail(
+        h,
+        None if gate_up_bias is None else gate_up_bias[e],
+        lambda a, w=w_down[e]: linear(a, w),
+        None if down_bias is None else down_bias[e],
+        xs.dtype,
+        act,
+    )
 
 
 def config_file_name(E: int, N: int, K: int, dtype: torch.dtype, device_name: str) -> str:

@@ -84,3 +84,18 @@ def test_cpu_runner_packs_every_expert_stack(tmp_path):
         for layer in layers:
             assert isinstance(layer.w_gate_up, PackedExperts)
             assert isinstance(layer.w_down, PackedExperts)
+
+
+def test_rows_are_padded_to_buckets_only_where_a_count_is_not_one(monkeypatch):
+    """Per-expert counts that are already row buckets (a single token) skip the padded gather;
+    others take it. Both give the loop's answer, empty input included."""
+    import titanserve.kernels.fused_moe as fused_moe_mod
+
+    calls = []
+    real = fused_moe_mod._experts_packed
+    monkeypatch.setattr(fused_moe_mod, "_experts_packed",
+                        lambda *a: calls.append(len(a[1])) or real(*a))
+    for T in (0, 1, 33):
+        args = make_moe(T, 2, 8, 32, 24)
+        torch.testing.assert_close(fused_moe_torch(**packed(args)), fused_moe_loop(**args))
+    assert calls == [66]  # only the 33-token batch (~8 rows per expert, not all buckets)
