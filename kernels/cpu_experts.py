@@ -16,6 +16,7 @@ from torch import nn
 
 from titanserve.kernels.backend import backend
 from titanserve.kernels.cpu_linear import can_pack, pack
+from titanserve.kernels.weight_layout import relayout_listed_weights
 
 
 class PackedExperts:
@@ -49,16 +50,11 @@ def pack_expert_weights(model: nn.Module) -> int:
     """Replace, in place, every expert stack a module lists in its `EXPERT_WEIGHTS` class
     attribute by a `PackedExperts` where the torch backend runs it and oneDNN takes it;
     returns how many. The dense stacks are dropped (memory does not grow)."""
-    packed = 0
-    for module in model.modules():
-        for name in getattr(type(module), "EXPERT_WEIGHTS", ()):
-            weight = getattr(module, name, None)
-            if (isinstance(weight, torch.Tensor) and weight.dim() == 3 and weight.shape[0]
-                    and backend(weight) == "torch" and can_pack(weight[0])):
-                delattr(module, name)  # a registered parameter cannot be set to a non-tensor
-                setattr(module, name, PackedExperts(weight))
-                packed += 1
-    return packed
+    def takes(weight: torch.Tensor) -> bool:
+        return (weight.dim() == 3 and weight.shape[0] > 0 and backend(weight) == "torch"
+                and can_pack(weight[0]))
+
+    return relayout_listed_weights(model, "EXPERT_WEIGHTS", takes, PackedExperts)
 
 
 def packed_expert_matrices(model: nn.Module) -> list[torch.Tensor]:

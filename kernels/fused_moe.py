@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from titanserve.kernels.backend import MOE_CONFIG_DIR, backend
+from titanserve.kernels.cpu_experts import PackedExperts
 from titanserve.kernels.cpu_linear import linear, padded_rows
 from titanserve.kernels.launch import cdiv, require, require_launchable
 from titanserve.kernels.moe_align import align_blocks
@@ -80,9 +81,11 @@ def fused_moe_torch(
     tokens = pairs // K  # (P,)
     weights = topk_weights.reshape(-1)[pairs].float()  # (P,)
     act = (activation, swiglu_limit, swiglu_alpha)
-    packed = not isinstance(w_gate_up, torch.Tensor) or not isinstance(w_down, torch.Tensor)
-    if packed and any(padded_rows(n) != n for n in counts):
-        ys = _experts_packed(x, tokens, counts, w_gate_up, w_down, gate_up_bias, down_bias, act)
+    packed = isinstance(w_gate_up, PackedExperts) or isinstance(w_down, PackedExperts)
+    buckets = [padded_rows(n) for n in counts] if packed else counts
+    if buckets != counts:
+        ys = _experts_packed(x, tokens, counts, buckets, w_gate_up, w_down, gate_up_bias,
+                             down_bias, act)
     else:  # dense stacks, or every expert's rows already a bucket (1 token: 1 row each)
         xs = x.index_select(0, tokens)  # (P, H)
         longest = max(counts, default=0)
@@ -160,13 +163,14 @@ def _experts_looped(xs, counts, w_gate_up, w_down, gate_up_bias, down_bias, act)
     return ys
 
 
-def _experts_packed(x, tokens, counts, w_gate_up, w_down, gate_up_bias, down_bias, act):
+def _experts_packed(x, tokens, counts, buckets, w_gate_up, w_down, gate_up_bias, down_bias,
+                    act):
     """The per-expert loop over oneDNN-packed experts (`cpu_experts.PackedExperts`). Each
-    expert's rows are gathered padded to its linears' row bucket (`cpu_linear.padded_rows`),
+    expert's rows are gathered padded to `buckets`, its linears' row bucket (`padded_rows`),
     all in one buffer, so that no linear pads a copy of its own (a few ops more per call, in a
     loop of 2 per expert per layer); the padding rows repeat token 0 and are dropped."""
     sizes = np.asarray(counts)  # (E,)
-    buckets = np.fromiter((padded_rows(n) for n in counts), dtype=np.int64, count=len(counts))
+    buckets = np.asarray(buckets)  # (E,)
     bucket_starts = np.cumsum(buckets) - buckets  # (E,)
     shift = np.repeat(bucket_starts - (np.cumsum(sizes) - sizes), sizes)  # (P,)
     dest = torch.from_numpy(shift + np.arange(len(shift))).to(x.device)  # (P,) buffer row
