@@ -2,9 +2,11 @@
 
     python benchmarks/throughput.py [--models tiny-mixtral tiny-llama] [--workers 1 2]
                                     [--num-requests 64] [--hf-batch-sizes 16 32 64] [--smollm2]
+                                    [--zoo-size]
 
 64 seeded random requests (prompts of 32-256 tokens, 64-128 output tokens, EOS ignored, greedy)
-on tiny fp32 checkpoints from `make_tiny`, scaled up so that model compute is not trivial.
+on tiny fp32 checkpoints from `make_tiny`, scaled up so that model compute is not trivial
+(`--zoo-size` keeps the zoo's own hidden 64 / 3 layers: there per-step overhead is nearly all).
 transformers runs them in batches with left padding and an attention mask; a batch generates
 its longest output, and only the tokens each request asked for are counted. It runs at each
 of `--hf-batch-sizes` and the fastest is the baseline (on this CPU, batch 64 beat batch 16 by
@@ -173,11 +175,13 @@ def _row(label: str, result: dict, extra: str = "") -> None:
 def bench_tiny(name: str, workers: list[int], args: argparse.Namespace, tmp: Path) -> None:
     """One tiny model: transformers once, titanserve once per worker count."""
     family, overrides = MODELS[name]
-    path = make_tiny(family, tmp / name, **overrides)
-    vocab = json.loads((path / "config.json").read_text())["vocab_size"]
-    requests = make_requests(args.num_requests, vocab, (32, 256), (64, 128), args.seed)
+    path = make_tiny(family, tmp / name, **({} if args.zoo_size else overrides))
+    config = json.loads((path / "config.json").read_text())
+    requests = make_requests(args.num_requests, config["vocab_size"], (32, 256), (64, 128),
+                             args.seed)
     n_in = sum(len(p) for p, _ in requests)
-    print(f"\n{name} (fp32, {len(requests)} requests, {n_in} prompt tokens)", flush=True)
+    print(f"\n{name} (fp32, hidden {config['hidden_size']}, {config['num_hidden_layers']} "
+          f"layers, {len(requests)} requests, {n_in} prompt tokens)", flush=True)
     hf_runs = []
     for batch_size in args.hf_batch_sizes:
         hf_runs.append(run_hf(path, requests, batch_size, "float32", args.device, args.repeat))
@@ -234,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeat", type=int, default=1, help="best of N runs (noisy hosts)")
     parser.add_argument("--smollm2", action="store_true", help="add SmolLM2-135M bf16 b1/b8")
+    parser.add_argument("--zoo-size", action="store_true",
+                        help="the tiny zoo's own sizes (hidden 64, 3 layers), not scaled up")
     parser.add_argument("--eager-too", action="store_true",
                         help="on CUDA, also time titanserve without CUDA graphs")
     parser.add_argument("--device", choices=["cpu", "cuda"],

@@ -17,6 +17,9 @@ and prefill steps take any size, so unbounded row counts would build kernels all
 tiny Llama's 64 batch sizes x 5 weight shapes: 201 ms the first time, 26 ms cached). `linear`
 rounds a packed weight's rows up to a few buckets (`padded_rows`), at most 1/8 more rows, and
 `warm_up_packed` builds a model's decode buckets before it serves.
+
+A small weight stays dense (`MIN_PACKED_ELEMENTS`): each oneDNN call has a fixed cost that
+BLAS's does not, and the repacking it saves is small.
 """
 
 from __future__ import annotations
@@ -33,6 +36,13 @@ from titanserve.kernels.weight_layout import relayout_listed_weights
 # The row count oneDNN tunes the packed layout for; any row count works with any layout.
 # Measured 1 / 64 / 1024 at 1, 64 and 1024 rows: 1024 was best or within noise everywhere.
 PACK_ROWS_HINT = 1024
+
+# Weights with fewer elements stay dense (F.linear). oneDNN's packed call costs ~20 µs even
+# hot and ~60-90 µs with a model step's caches cold, where BLAS's costs ~5 and ~25-40 µs;
+# `benchmarks/cpu_linear.py --shapes` at 64 rows, cold (F.linear / packed time): 64x64 0.41,
+# 256x256 0.66, 512x256 0.97, 768x256 1.01, 1536x256 1.18 (bf16 alike). A tiny model's
+# decode step ran ~10% faster with its small weights dense.
+MIN_PACKED_ELEMENTS = 1 << 17
 
 
 def can_pack(weight: torch.Tensor) -> bool:
@@ -63,6 +73,11 @@ def _packed_linear_works(dtype: torch.dtype) -> bool:
     except RuntimeError:
         return False
     return torch.allclose(out.float(), F.linear(x, weight).float(), rtol=1e-2, atol=1e-2)
+
+
+def worth_packing(weight: torch.Tensor) -> bool:
+    """`can_pack`, and big enough to run faster packed (`MIN_PACKED_ELEMENTS`)."""
+    return weight.numel() >= MIN_PACKED_ELEMENTS and can_pack(weight)
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
@@ -120,7 +135,7 @@ def warm_up_packed(weights: Iterable[torch.Tensor], max_rows: int) -> int:
 
 def pack_linear_weights(model: nn.Module) -> int:
     """Pack, in place, every weight a module lists in its `LINEAR_WEIGHTS` class attribute
-    (the parameters it only ever passes to `linear`) that `can_pack` takes. Returns how many
+    (the parameters it only ever passes to `linear`) that is `worth_packing`. Returns how many
     were packed. A parameter shared by two names (tied embeddings) is packed as a copy for
     the `linear` name and stays dense under the other."""
-    return relayout_listed_weights(model, "LINEAR_WEIGHTS", can_pack, pack)
+    return relayout_listed_weights(model, "LINEAR_WEIGHTS", worth_packing, pack)

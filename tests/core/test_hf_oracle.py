@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from titanserve import LLM, SamplingParams
+from titanserve.kernels.cpu_experts import PackedExperts
 
 FAMILIES = ["llama", "qwen2", "qwen3", "mixtral", "qwen2-moe", "qwen3-moe"]
 PROMPT_LENGTHS = [3, 11, 19, 27, 35, 43, 52, 60]
@@ -114,6 +115,22 @@ def test_prompt_logits_match_transformers(family, hf_reference):
 def test_greedy_generation_matches_transformers(family, hf_reference):
     ref = hf_reference(family)
     with make_llm(ref.path) as llm:
+        assert_generation_matches(llm, ref)
+
+
+@pytest.mark.parametrize("family", ["llama", "mixtral", "qwen2-moe"])
+def test_packed_weights_match_transformers(family, hf_reference, pack_every_weight):
+    """Every weight packed for oneDNN, as a full-size model's are on CPU (a tiny model's are
+    below the packing thresholds): linears with row buckets, the per-expert packed loop."""
+    ref = hf_reference(family)
+    with make_llm(ref.path) as llm:
+        modules = list(llm.engine.executor.runner.model.modules())
+        linears = [getattr(m, n) for m in modules for n in getattr(type(m), "LINEAR_WEIGHTS", ())]
+        stacks = [getattr(m, n) for m in modules for n in getattr(type(m), "EXPERT_WEIGHTS", ())]
+        assert linears and all(w.is_mkldnn for w in linears)
+        assert bool(stacks) == (family != "llama")
+        assert all(isinstance(w, PackedExperts) for w in stacks)
+        assert_prompt_logits_match(llm, ref)
         assert_generation_matches(llm, ref)
 
 

@@ -1,6 +1,7 @@
 """Model building blocks beyond what the transformers oracle reaches: the CPU MLP that runs a
 long step's rows piece by piece gives the rows of running them all at once; the CPU runner
-packs every linear weight for oneDNN (the oracle then checks the packed model's logits)."""
+packs the linear weights big enough to gain for oneDNN (`test_hf_oracle` checks a fully packed
+model's logits)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from titanserve import LLM, SamplingParams
 from titanserve.core.config import ModelConfig
 from titanserve.core.model import layers
 from titanserve.core.model_runner import ModelRunner
+from titanserve.kernels.cpu_experts import PackedExperts
 from titanserve.moe.placement import ExpertPlacement
 
 
@@ -41,9 +43,14 @@ def test_prefill_logits_do_not_depend_on_the_mlp_piece_size(tiny_model, monkeypa
     assert piece_tokens == whole_tokens
 
 
+@pytest.mark.parametrize("forced", [False, True], ids=["tiny-stays-dense", "forced"])
 @pytest.mark.parametrize("family", ["qwen2", "mixtral"])  # tied embeddings; MoE with a router
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN")
-def test_the_cpu_runner_packs_its_model(tiny_model, family):
+def test_the_cpu_runner_packs_its_model(tiny_model, family, forced, request):
+    """A tiny model's weights are all below the packing thresholds and stay dense (experts
+    input-major); with the thresholds lifted every listed weight is packed."""
+    if forced:
+        request.getfixturevalue("pack_every_weight")
     path = tiny_model(family)
     cfg = ModelConfig.from_hf(path)
     runner = ModelRunner(
@@ -52,18 +59,21 @@ def test_the_cpu_runner_packs_its_model(tiny_model, family):
     )
     model = runner.model
     listed = [
-        (module, name)
+        getattr(module, name)
         for module in model.modules()
         for name in getattr(type(module), "LINEAR_WEIGHTS", ())
     ]
-    assert listed and all(getattr(m, name).is_mkldnn for m, name in listed)
-    experts = [  # stored input-major for the torch path's matmuls (kernels.fused_moe)
+    assert listed and all(w.is_mkldnn == forced for w in listed)
+    experts = [
         getattr(module, name)
         for module in model.modules()
         for name in getattr(type(module), "EXPERT_WEIGHTS", ())
     ]
     assert bool(experts) == bool(cfg.num_experts)
-    assert all(w.dim() == 3 and w[0].t().is_contiguous() for w in experts)
+    if forced:
+        assert all(isinstance(w, PackedExperts) for w in experts)
+    else:  # stored input-major for the torch path's matmuls (kernels.fused_moe)
+        assert all(w.dim() == 3 and w[0].t().is_contiguous() for w in experts)
     assert not model.embed_tokens.is_mkldnn  # the embedding lookup needs the dense table
     if cfg.tie_word_embeddings:
         hidden = torch.randn(3, cfg.hidden_size)

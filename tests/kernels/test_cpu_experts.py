@@ -7,6 +7,7 @@ from torch import nn
 
 from tests.kernels.test_fused_moe import CASES, fused_moe_loop, make_moe
 from titanserve import LLM
+from titanserve.kernels import cpu_experts
 from titanserve.kernels.backend import forced_backend
 from titanserve.kernels.cpu_experts import (
     PackedExperts,
@@ -63,7 +64,7 @@ class Experts(nn.Module):
         self.w = nn.Parameter(torch.randn(num_experts, 8, 4), requires_grad=False)
 
 
-def test_only_the_torch_backend_packs_and_empty_stacks_stay():
+def test_only_the_torch_backend_packs_and_empty_stacks_stay(pack_every_weight):
     module = Experts()
     with forced_backend("triton"):  # the Triton kernels read the dense stacks
         assert pack_expert_weights(module) == 0
@@ -75,15 +76,40 @@ def test_only_the_torch_backend_packs_and_empty_stacks_stay():
     assert pack_expert_weights(module) == 0  # nothing left to pack
 
 
-def test_cpu_runner_packs_every_expert_stack(tmp_path):
+class TwoStacks(nn.Module):
+    EXPERT_WEIGHTS = ("up", "down")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Parameter(torch.randn(2, 8, 4), requires_grad=False)  # 32 per expert
+        self.down = nn.Parameter(torch.randn(2, 4, 4), requires_grad=False)  # 16 per expert
+
+
+@pytest.mark.parametrize("threshold, packs", [(48, True), (40, True), (49, False)])
+def test_a_module_packs_all_its_stacks_or_none(monkeypatch, threshold, packs):
+    """The size rule counts an expert's elements over all its matrices (32 + 16 here), and
+    never leaves a module with one stack packed and one dense."""
+    monkeypatch.setattr(cpu_experts, "MIN_PACKED_EXPERT_ELEMENTS", threshold)
+    module = TwoStacks()
+    assert pack_expert_weights(module) == (2 if packs else 0)
+    assert isinstance(module.up, PackedExperts) == packs
+    assert isinstance(module.down, PackedExperts) == packs
+
+
+@pytest.mark.parametrize("forced", [False, True], ids=["tiny-stays-dense", "forced"])
+def test_what_the_cpu_runner_packs(tmp_path, request, forced):
+    """A tiny Mixtral's experts are far below MIN_PACKED_EXPERT_ELEMENTS: dense stacks;
+    with the size rule lifted every stack is packed."""
+    if forced:
+        request.getfixturevalue("pack_every_weight")
     path = make_tiny("mixtral", tmp_path, num_hidden_layers=2)
     with LLM(path, progress=False) as llm:
         layers = [m for m in llm.engine.executor.runner.model.modules()
                   if isinstance(m, MoELayer)]
         assert len(layers) == 2
         for layer in layers:
-            assert isinstance(layer.w_gate_up, PackedExperts)
-            assert isinstance(layer.w_down, PackedExperts)
+            assert isinstance(layer.w_gate_up, PackedExperts) == forced
+            assert isinstance(layer.w_down, PackedExperts) == forced
 
 
 def test_rows_are_padded_to_buckets_only_where_a_count_is_not_one(monkeypatch):

@@ -77,7 +77,7 @@ def test_an_already_packed_weight_is_not_packed_again():
     assert not cpu_linear.can_pack(cpu_linear.pack(torch.randn(4, 4)))
 
 
-def test_pack_linear_weights_packs_every_listed_weight_and_keeps_outputs():
+def test_pack_linear_weights_packs_every_listed_weight_and_keeps_outputs(pack_every_weight):
     torch.manual_seed(0)
     mlp = GatedMLP(hidden_size=32, intermediate_size=48)
     torch.nn.init.normal_(mlp.gate_up_proj, std=0.2)
@@ -93,7 +93,26 @@ def test_pack_linear_weights_packs_every_listed_weight_and_keeps_outputs():
     assert cpu_linear.pack_linear_weights(mlp) == 0  # nothing left to pack
 
 
-def test_a_build_whose_packed_linear_fails_keeps_weights_dense(monkeypatch):
+def test_small_weights_stay_dense():
+    """Below MIN_PACKED_ELEMENTS a weight runs faster through F.linear: it is not packed."""
+    torch.manual_seed(0)
+    mlp = GatedMLP(hidden_size=256, intermediate_size=256)  # (512, 256) and (256, 256)
+    torch.nn.init.normal_(mlp.gate_up_proj, std=0.1)
+    torch.nn.init.normal_(mlp.down_proj, std=0.1)
+    assert mlp.gate_up_proj.numel() == cpu_linear.MIN_PACKED_ELEMENTS
+    assert mlp.down_proj.numel() < cpu_linear.MIN_PACKED_ELEMENTS
+    x = torch.randn(5, 256)
+    with torch.inference_mode():
+        before = mlp(x)
+        assert cpu_linear.pack_linear_weights(mlp) == 1
+        after = mlp(x)
+    assert mlp.gate_up_proj.is_mkldnn and not mlp.down_proj.is_mkldnn
+    assert cpu_linear.worth_packing(torch.zeros(cpu_linear.MIN_PACKED_ELEMENTS, 1))
+    assert not cpu_linear.worth_packing(torch.zeros(cpu_linear.MIN_PACKED_ELEMENTS - 1, 1))
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+
+
+def test_a_build_whose_packed_linear_fails_keeps_weights_dense(monkeypatch, pack_every_weight):
     """An exotic oneDNN build where packing raises (or computes wrong): nothing is packed,
     and the model's layers run through F.linear."""
     def broken(weight, rows_hint):
