@@ -21,6 +21,7 @@ from titanserve.core.model.attention import AttentionMetadata, PrefillChunk
 from titanserve.core.model.decoder import DecoderModel
 from titanserve.core.model.kv_cache import allocate_kv_caches, key_pages
 from titanserve.core.model.loader import load_weights
+from titanserve.core.model.rotary_layout import interleave_rotary_pairs
 from titanserve.core.sampler import Sampler, SamplingState
 from titanserve.ipc.messages import SeqPlan, SeqResult, StepPlan, StepResult
 from titanserve.kernels.backend import backend
@@ -68,6 +69,7 @@ class ModelRunner:
         finally:
             torch.set_default_dtype(previous)
         load_weights(self.model, model_path, placement, progress=progress)
+        interleave_rotary_pairs(self.model)  # CPU: one complex multiply rotates q and k
         pack_linear_weights(self.model)  # CPU weights: oneDNN layout, once (kernels.cpu_linear)
         pack_expert_weights(self.model)  # and experts, one packed matrix per expert
         use_input_major_experts(self.model)  # or, where oneDNN cannot, the layout BLAS reads

@@ -15,6 +15,7 @@ from titanserve.core.model.kv_cache import key_pages, value_pages
 from titanserve.kernels import ops
 from titanserve.kernels.paged_decode import gather_pages
 from titanserve.kernels.paged_decode_rows import DecodeRows, paged_decode_attn_rows
+from titanserve.kernels.rotary import rotary_pairs_
 
 
 @dataclass
@@ -72,6 +73,9 @@ class Attention(nn.Module):
             self.k_norm = nn.Parameter(torch.ones(cfg.head_dim), requires_grad=False)
         else:
             self.q_norm = self.k_norm = None
+        # Rotary pairs side by side in q/k rows (core.model.rotary_layout, CPU): the layer is
+        # then handed the complex rotations table instead of the cos | sin one.
+        self.rotary_pairs = False
 
     def forward(
         self,
@@ -79,7 +83,7 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
         k_cache: torch.Tensor,  # (num_blocks, block_size, Hk, D), see core.model.kv_cache
         v_cache: torch.Tensor,  # (num_blocks, block_size, Hk, D)
-        cos_sin: torch.Tensor,  # (max_pos, R)
+        rope: torch.Tensor,  # (max_pos, R) fp32 cos | sin; with rotary_pairs (max_pos, R/2) c64
     ) -> torch.Tensor:
         T = x.shape[0]
         qkv = ops.linear(x, self.qkv_weight, self.qkv_bias)  # (T, Hq*D + 2*Hk*D)
@@ -90,7 +94,10 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q = ops.rms_norm(q, self.q_norm, self.eps)
             k = ops.rms_norm(k, self.k_norm, self.eps)
-        ops.rotary(q, k, meta.positions, cos_sin)
+        if self.rotary_pairs:
+            rotary_pairs_(q, k, meta.positions, rope)
+        else:
+            ops.rotary(q, k, meta.positions, rope)
 
         slots = (meta.slot_blocks, meta.slot_offsets)
         k_cache.index_put_(slots, k)  # in place whatever the memory order

@@ -26,13 +26,13 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, residual, meta, k_cache, v_cache, cos_sin):
+    def forward(self, x, residual, meta, k_cache, v_cache, rope):
         if residual is None:
             residual = x
             x = self.input_layernorm(x)
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(x, meta, k_cache, v_cache, cos_sin)
+        x = self.self_attn(x, meta, k_cache, v_cache, rope)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
@@ -58,6 +58,9 @@ class DecoderModel(nn.Module):
             )
         table = cos_sin_table(cfg.rope, cfg.head_dim, max_positions, cfg.max_position_embeddings)
         self.register_buffer("cos_sin", table, persistent=False)
+        # (max_pos, R/2) complex64, set where q/k rows hold rotary pairs side by side
+        # (core.model.rotary_layout); the layers then take it instead of cos_sin
+        self.register_buffer("rotations", None, persistent=False)
 
     def forward(
         self,
@@ -68,8 +71,9 @@ class DecoderModel(nn.Module):
     ) -> torch.Tensor:
         x = F.embedding(token_ids, self.embed_tokens)  # (T, H)
         residual = None
+        rope = self.cos_sin if self.rotations is None else self.rotations
         for i, layer in enumerate(self.layers):
-            x, residual = layer(x, residual, meta, k_caches[i], v_caches[i], self.cos_sin)
+            x, residual = layer(x, residual, meta, k_caches[i], v_caches[i], rope)
         if residual is None:  # no layers
             return self.norm(x)
         x, _ = self.norm(x, residual)
