@@ -198,3 +198,18 @@ def test_an_index_past_the_budget_falls_back_to_gathering(tmp_path, monkeypatch)
     for a, b in zip(in_place, gathered):
         assert a.token_ids == b.token_ids
         torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_keys_far_below_the_rest_weigh_nothing_on_the_unshifted_path(monkeypatch):
+    """A few keys scoring ~-1e4 (2^s underflows to 0, not floored first) among ordinary
+    ones: still the unshifted softmax, and the reference attention and lse."""
+    q, k_cache, v_cache, tables, lens = make_decode(
+        3, 4, 2, 8, 4, 5, [17, 6, 11], head_major=True, keys_transposed=True
+    )
+    q = q.abs() + 0.1  # every query positive: a key of -100s scores about -1e3 against it
+    for seq in range(3):  # the first slot of each sequence's first page
+        k_cache[tables[seq, 0].long(), 0] = -300.0
+    taken = _spy_unshifted(monkeypatch)
+    _, got = run_rows(q, k_cache, v_cache, tables, lens)
+    assert taken == [True]
+    assert_decode_close(got, decode_loop(q, k_cache, v_cache, tables, lens), atol=1e-5, rtol=1e-5)
