@@ -21,10 +21,12 @@ from titanserve.kernels.weight_layout import relayout_listed_weights
 
 # A layer whose experts each have fewer elements (all their matrices together) keeps dense
 # stacks: the per-expert loop pays oneDNN's fixed cost per call (`cpu_linear`) twice per
-# expert, where dense stacks run every expert in two padded batched matmuls. Measured with
-# cold caches, 8 experts top-2 (dense / packed time; 32 and 64 decode tokens, 1024 prefill):
-# H 64 I 48 (9k) 0.31-0.71, H 256 I 192 (147k) 0.57-0.89, H 256 I 384 (295k) 0.84-1.24,
-# H 384 I 512 (590k) 0.94-1.24, H 576 I 768 (1.3M) 0.97-1.41.
+# expert, where dense stacks run every expert in two padded batched matmuls.
+# `benchmarks/cpu_linear.py --experts` (8 experts top-2, cold; dense / packed time at 32, 64
+# decode tokens and a 1024-token prefill): H 64 I 48 (9k elements an expert) 0.28-0.62,
+# H 256 I 192 (147k) 0.64-0.93, H 256 I 384 (295k) 0.71-1.04, H 384 I 512 (590k)
+# 1.07-1.18, H 576 I 768 (1.3M) 1.15-1.31. The tiny zoo's Mixtral ran 1.6x faster dense; at
+# 295k (the throughput benchmark's Mixtral, packed) whole runs timed the same either way.
 MIN_PACKED_EXPERT_ELEMENTS = 1 << 18
 
 
