@@ -88,6 +88,20 @@ def test_two_workers_match_transformers(family, tmp_path_factory):
     check_against_hf(tiny(family, tmp_path_factory), 2, "zmq")
 
 
+def test_two_workers_with_packed_weights_match_transformers(tmp_path):
+    """A Mixtral big enough that the workers pack its attention and experts for oneDNN
+    (the tiny zoo's weights all stay dense), with row buckets warmed up in each worker."""
+    from titanserve.kernels import cpu_experts, cpu_linear
+
+    if not cpu_linear.can_pack(torch.zeros(2, 2)):
+        pytest.skip("no oneDNN")
+    path = str(make_tiny("mixtral", tmp_path, hidden_size=256, num_attention_heads=8,
+                         num_key_value_heads=4, intermediate_size=384, num_hidden_layers=2))
+    assert (8 + 2 * 4) * 32 * 256 >= cpu_linear.MIN_PACKED_ELEMENTS  # qkv rows x hidden
+    assert 3 * 384 * 256 >= cpu_experts.MIN_PACKED_EXPERT_ELEMENTS  # one expert's matrices
+    check_against_hf(path, 2, "zmq", max_num_seqs=8)  # fewer row buckets to warm up
+
+
 def test_one_worker_process_matches_transformers(tmp_path_factory):
     # the server's layout: alone, the worker computes every expert with no exchange
     check_against_hf(tiny("mixtral", tmp_path_factory), 1, "zmq", worker_processes=True)
