@@ -17,7 +17,7 @@ from torch import nn
 
 from titanserve.kernels.backend import backend
 from titanserve.kernels.cpu_linear import can_pack, pack
-from titanserve.kernels.weight_layout import relayout_listed_weights
+from titanserve.kernels.weight_layout import listed_weights, relayout_listed_weights
 
 # A layer whose experts each have fewer elements (all their matrices together) keeps dense
 # stacks: the per-expert loop pays oneDNN's fixed cost per call (`cpu_linear`) twice per
@@ -57,18 +57,27 @@ class PackedExperts:
         return self.experts[expert]
 
 
+def is_packed(*stacks) -> bool:
+    """Whether any of these expert stacks is a `PackedExperts` (then only the torch path's
+    per-expert loop runs them)."""
+    return any(isinstance(stack, PackedExperts) for stack in stacks)
+
+
 def pack_expert_weights(model: nn.Module) -> int:
     """Replace, in place, every expert stack a module lists in its `EXPERT_WEIGHTS` class
     attribute by a `PackedExperts` where the torch backend runs it, oneDNN takes it, and the
     module's experts are big enough (`MIN_PACKED_EXPERT_ELEMENTS`: all of a module's stacks
     or none); returns how many. The dense stacks are dropped (memory does not grow)."""
-    big = set()  # ids of the stacks of modules with big experts
-    for module in model.modules():
-        names = getattr(type(module), "EXPERT_WEIGHTS", ())
-        stacks = [w for name in names
-                  if isinstance(w := getattr(module, name, None), torch.Tensor) and w.dim() == 3]
-        if sum(w.shape[1] * w.shape[2] for w in stacks) >= MIN_PACKED_EXPERT_ELEMENTS:
-            big.update(id(w) for w in stacks)
+    stacks_of: dict[nn.Module, list[torch.Tensor]] = {}
+    for module, _, weight in listed_weights(model, "EXPERT_WEIGHTS"):
+        if isinstance(weight, torch.Tensor) and weight.dim() == 3:
+            stacks_of.setdefault(module, []).append(weight)
+    big = {  # ids of the stacks of modules with big experts
+        id(w)
+        for stacks in stacks_of.values()
+        if sum(w.shape[1] * w.shape[2] for w in stacks) >= MIN_PACKED_EXPERT_ELEMENTS
+        for w in stacks
+    }
 
     def takes(weight: torch.Tensor) -> bool:
         return (id(weight) in big and weight.shape[0] > 0 and backend(weight) == "torch"
@@ -81,7 +90,6 @@ def packed_expert_matrices(model: nn.Module) -> list[torch.Tensor]:
     """One packed matrix of each `PackedExperts` in `model` (the shapes its experts have)."""
     return [
         stack[0]
-        for module in model.modules()
-        for name in getattr(type(module), "EXPERT_WEIGHTS", ())
-        if isinstance(stack := getattr(module, name, None), PackedExperts) and len(stack)
+        for _, _, stack in listed_weights(model, "EXPERT_WEIGHTS")
+        if isinstance(stack, PackedExperts) and len(stack)
     ]

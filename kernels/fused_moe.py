@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from titanserve.kernels.backend import MOE_CONFIG_DIR, backend
-from titanserve.kernels.cpu_experts import PackedExperts
+from titanserve.kernels.cpu_experts import is_packed
 from titanserve.kernels.cpu_linear import linear, padded_rows
 from titanserve.kernels.launch import cdiv, require, require_launchable
 from titanserve.kernels.moe_align import align_blocks
@@ -81,7 +81,7 @@ def fused_moe_torch(
     tokens = pairs // K  # (P,)
     weights = topk_weights.reshape(-1)[pairs].float()  # (P,)
     act = (activation, swiglu_limit, swiglu_alpha)
-    packed = isinstance(w_gate_up, PackedExperts) or isinstance(w_down, PackedExperts)
+    packed = is_packed(w_gate_up, w_down)
     buckets = [padded_rows(n) for n in counts] if packed else counts
     if buckets != counts:
         ys = _experts_packed(x, tokens, counts, buckets, w_gate_up, w_down, gate_up_bias,

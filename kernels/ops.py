@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from titanserve.kernels.backend import backend
-from titanserve.kernels.cpu_experts import PackedExperts
+from titanserve.kernels.cpu_experts import is_packed
 from titanserve.kernels.cpu_linear import linear  # noqa: F401 (F.linear, or packed on CPU)
 from titanserve.kernels.flash_attn import flash_attn_fwd_torch, flash_attn_fwd_triton
 from titanserve.kernels.fused_moe import ACTIVATIONS, fused_moe_torch, fused_moe_triton
@@ -158,8 +158,7 @@ def fused_moe(
     _require(expert_map is None or expert_map.dim() == 1,
              "fused_moe: expert_map must be (E_global,) global -> local index or -1")
     # Experts packed for oneDNN (kernels.cpu_experts) only run on the torch path.
-    packed = isinstance(w_gate_up, PackedExperts) or isinstance(w_down, PackedExperts)
-    impl = fused_moe_triton if _triton(x) and not packed else fused_moe_torch
+    impl = fused_moe_triton if _triton(x) and not is_packed(w_gate_up, w_down) else fused_moe_torch
     return impl(x, w_gate_up, w_down, topk_weights, topk_ids, expert_map, activation,
                 gate_up_bias, down_bias, swiglu_limit, swiglu_alpha)
 

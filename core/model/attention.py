@@ -73,9 +73,6 @@ class Attention(nn.Module):
             self.k_norm = nn.Parameter(torch.ones(cfg.head_dim), requires_grad=False)
         else:
             self.q_norm = self.k_norm = None
-        # Rotary pairs side by side in q/k rows (core.model.rotary_layout, CPU): the layer is
-        # then handed the complex rotations table instead of the cos | sin one.
-        self.rotary_pairs = False
 
     def forward(
         self,
@@ -83,7 +80,7 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
         k_cache: torch.Tensor,  # (num_blocks, block_size, Hk, D), see core.model.kv_cache
         v_cache: torch.Tensor,  # (num_blocks, block_size, Hk, D)
-        rope: torch.Tensor,  # (max_pos, R) fp32 cos | sin; with rotary_pairs (max_pos, R/2) c64
+        rope: torch.Tensor,  # (max_pos, R) fp32 cos | sin, or (max_pos, R/2) complex64 rotations
     ) -> torch.Tensor:
         T = x.shape[0]
         qkv = ops.linear(x, self.qkv_weight, self.qkv_bias)  # (T, Hq*D + 2*Hk*D)
@@ -94,7 +91,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q = ops.rms_norm(q, self.q_norm, self.eps)
             k = ops.rms_norm(k, self.k_norm, self.eps)
-        if self.rotary_pairs:
+        if rope.is_complex():  # q/k rows hold rotary pairs side by side (CPU, rotary_layout)
             rotary_pairs_(q, k, meta.positions, rope)
         else:
             ops.rotary(q, k, meta.positions, rope)

@@ -26,9 +26,10 @@ def pair_order(head_dim: int, rotary_dim: int) -> torch.Tensor:
 
 def interleave_rotary_pairs(model: torch.nn.Module) -> bool:
     """In place, on a `DecoderModel` whose rotary runs on the torch backend: permute every
-    attention's q/k rows (`pair_order`), set its `rotary_pairs`, and give the model the complex
-    `rotations` table it then passes to its layers. True where it did; a CUDA model keeps the
-    checkpoint's layout (its Triton kernel rotates either in one pass)."""
+    attention's q/k rows (`pair_order`) and give the model the complex `rotations` table it
+    then passes to its layers (which rotate pairs when their table is complex). True where it
+    did; a CUDA model keeps the checkpoint's layout (its Triton kernel rotates either in one
+    pass)."""
     if backend(model.cos_sin) != "torch":
         return False
     cfg = model.cfg
@@ -43,10 +44,9 @@ def interleave_rotary_pairs(model: torch.nn.Module) -> bool:
             for start, heads in ((0, attn.num_heads), (q_rows, attn.num_kv_heads)):
                 block = param.data.narrow(0, start, heads * attn.head_dim)  # (heads*D, ...)
                 per_head = block.unflatten(0, (heads, attn.head_dim))  # (heads, D, ...)
-                per_head.copy_(per_head[:, order].clone())
+                per_head.copy_(per_head[:, order])  # indexing by a tensor copies
         for norm in (attn.q_norm, attn.k_norm):
             if norm is not None:
-                norm.data.copy_(norm.data[order].clone())
-        attn.rotary_pairs = True
+                norm.data.copy_(norm.data[order])
     model.rotations = rotation_table(model.cos_sin)  # (max_pos, R/2) complex64
     return True

@@ -66,11 +66,21 @@ def runner_for(path):
 
 
 def test_the_cpu_runner_lays_out_rotary_pairs(tiny_model):
+    """Every layer's q and k rows (and q/k norms) permuted by pair_order on CPU, v rows as
+    loaded; a Triton-backend runner keeps the checkpoint's rows and the cos | sin table."""
     model = runner_for(tiny_model("qwen3")).model  # q/k norms permute with the rows
-    assert all(layer.self_attn.rotary_pairs for layer in model.layers)
     assert model.rotations.dtype == torch.complex64
     assert model.rotations.shape == (64, model.cos_sin.shape[1] // 2)
     with forced_backend("triton"):  # the Triton kernel rotates rotate_half's pairs as they are
-        model = runner_for(tiny_model("qwen3")).model
-    assert not any(layer.self_attn.rotary_pairs for layer in model.layers)
-    assert model.rotations is None
+        loaded = runner_for(tiny_model("qwen3")).model
+    assert loaded.rotations is None
+    for layer, as_loaded in zip(model.layers, loaded.layers, strict=True):
+        attn, ref = layer.self_attn, as_loaded.self_attn
+        D = attn.head_dim
+        order = pair_order(D, model.cos_sin.shape[1])
+        qk_rows = attn.q_size + attn.kv_size
+        permuted = ref.qkv_weight[:qk_rows].unflatten(0, (-1, D))[:, order].flatten(0, 1)
+        assert torch.equal(attn.qkv_weight[:qk_rows], permuted)
+        assert torch.equal(attn.qkv_weight[qk_rows:], ref.qkv_weight[qk_rows:])  # v
+        assert torch.equal(attn.q_norm, ref.q_norm[order])
+        assert torch.equal(attn.k_norm, ref.k_norm[order])
