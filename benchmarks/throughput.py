@@ -2,7 +2,7 @@
 
     python benchmarks/throughput.py [--models tiny-mixtral tiny-llama] [--workers 1 2]
                                     [--num-requests 64] [--hf-batch-sizes 16 32 64] [--smollm2]
-                                    [--zoo-size]
+                                    [--zoo-size] [--repeat N]
 
 64 seeded random requests (prompts of 32-256 tokens, 64-128 output tokens, EOS ignored, greedy)
 on tiny fp32 checkpoints from `make_tiny`, scaled up so that model compute is not trivial
@@ -11,8 +11,10 @@ transformers runs them in batches with left padding and an attention mask; a bat
 its longest output, and only the tokens each request asked for are counted. It runs at each
 of `--hf-batch-sizes` and the fastest is the baseline (on this CPU, batch 64 beat batch 16 by
 25-90%). Prints output tokens/s of both, the ratio, and how many greedy tokens agree.
-`--smollm2` adds SmolLM2-135M (bf16) decode tok/s at batch 1 and 8. Both run on `--device`
-(default: CUDA when there is one).
+`--repeat N` runs N rounds of all of that, interleaved (a host whose speed drifts then slows both
+sides alike); each configuration keeps its best round, and titanserve's line adds its ratio to
+each round's fastest transformers. `--smollm2` adds SmolLM2-135M (bf16) decode tok/s at batch 1
+and 8. Both run on `--device` (default: CUDA when there is one).
 """
 
 from __future__ import annotations
@@ -173,7 +175,9 @@ def _row(label: str, result: dict, extra: str = "") -> None:
 
 
 def bench_tiny(name: str, workers: list[int], args: argparse.Namespace, tmp: Path) -> None:
-    """One tiny model: transformers once, titanserve once per worker count."""
+    """One tiny model: `--repeat` rounds, each running transformers at every batch size and then
+    titanserve at every worker count, so that both sides sample the same stretch of a host whose
+    speed drifts; each configuration keeps its best round."""
     family, overrides = MODELS[name]
     path = make_tiny(family, tmp / name, **({} if args.zoo_size else overrides))
     config = json.loads((path / "config.json").read_text())
@@ -182,24 +186,44 @@ def bench_tiny(name: str, workers: list[int], args: argparse.Namespace, tmp: Pat
     n_in = sum(len(p) for p, _ in requests)
     print(f"\n{name} (fp32, hidden {config['hidden_size']}, {config['num_hidden_layers']} "
           f"layers, {len(requests)} requests, {n_in} prompt tokens)", flush=True)
-    hf_runs = []
-    for batch_size in args.hf_batch_sizes:
-        hf_runs.append(run_hf(path, requests, batch_size, "float32", args.device, args.repeat))
-        _row(f"transformers (batch {batch_size})", hf_runs[-1])
-    hf = min(hf_runs, key=lambda r: r["elapsed_s"])  # the fastest batch size is the baseline
-    hf_rate = hf["tokens"] / hf["elapsed_s"]
-    runs = [(w, False) for w in workers]
+    configs = [(w, False) for w in workers]
     if args.eager_too and args.device == "cuda":
-        runs += [(w, True) for w in workers]
-    for w, eager in runs:
+        configs += [(w, True) for w in workers]
+    hf_rounds: dict[int, list[dict]] = {b: [] for b in args.hf_batch_sizes}
+    ts_rounds: dict[tuple[int, bool], list[dict]] = {c: [] for c in configs}
+    failed: dict[tuple[int, bool], str] = {}
+    for round_ in range(args.repeat):
+        if args.repeat > 1:
+            print(f"  round {round_ + 1}/{args.repeat}", flush=True)
+        for batch_size in args.hf_batch_sizes:
+            hf_rounds[batch_size].append(run_hf(path, requests, batch_size, "float32",
+                                                args.device))
+        for w, eager in configs:
+            if (w, eager) in failed:
+                continue
+            try:
+                ts_rounds[w, eager].append(run_titanserve(path, requests, w, "float32",
+                                                          args.device, enforce_eager=eager))
+            except Exception as e:  # one broken configuration must not hide the others' numbers
+                failed[w, eager] = f"FAILED: {type(e).__name__}: {e}"
+    best = {b: min(runs, key=lambda r: r["elapsed_s"]) for b, runs in hf_rounds.items()}
+    for batch_size, run in best.items():
+        _row(f"transformers (batch {batch_size})", run)
+    hf = min(best.values(), key=lambda r: r["elapsed_s"])  # the fastest batch size: baseline
+    hf_rate = hf["tokens"] / hf["elapsed_s"]
+    # per round: titanserve against that round's fastest transformers batch size
+    hf_per_round = [min(runs[i]["elapsed_s"] for runs in hf_rounds.values())
+                    for i in range(args.repeat)]
+    for (w, eager), runs in ts_rounds.items():
         label = f"titanserve ({w} worker{'s' * (w > 1)}{', eager' * eager})"
-        try:
-            ts = run_titanserve(path, requests, w, "float32", args.device, args.repeat,
-                                enforce_eager=eager)
-        except Exception as e:  # one broken configuration must not hide the others' numbers
-            print(f"  {label:<31}FAILED: {type(e).__name__}: {e}", flush=True)
+        if (w, eager) in failed:
+            print(f"  {label:<31}{failed[w, eager]}", flush=True)
             continue
+        ts = min(runs, key=lambda r: r["elapsed_s"])
         extra = f"  x{ts['tokens'] / ts['elapsed_s'] / hf_rate:.2f} vs best HF"
+        if len(runs) > 1:
+            extra += " (rounds " + " / ".join(
+                f"x{h / r['elapsed_s']:.2f}" for h, r in zip(hf_per_round, runs)) + ")"
         extra += f"  agree {agreement(ts['token_ids'], hf['token_ids']):.0%}"
         if ts["overhead"] is not None:
             extra += f"  outside compute {ts['overhead']:.0%}"
@@ -236,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hf-batch-sizes", nargs="+", type=int, default=[16, 32, 64],
                         help="transformers batch sizes tried; the fastest is the baseline")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--repeat", type=int, default=1, help="best of N runs (noisy hosts)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="rounds, interleaved; each configuration keeps its best (noisy hosts)")
     parser.add_argument("--smollm2", action="store_true", help="add SmolLM2-135M bf16 b1/b8")
     parser.add_argument("--zoo-size", action="store_true",
                         help="the tiny zoo's own sizes (hidden 64, 3 layers), not scaled up")

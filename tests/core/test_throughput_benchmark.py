@@ -1,0 +1,37 @@
+"""benchmarks/throughput.py runs end to end: interleaved rounds, every configuration's row, and
+titanserve's ratio to each round's fastest transformers."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "throughput.py"
+
+
+def test_throughput_benchmark_interleaves_rounds() -> None:
+    run = subprocess.run(
+        [sys.executable, str(SCRIPT), "--models", "tiny-llama", "--workers", "1",
+         "--num-requests", "2", "--hf-batch-sizes", "1", "2", "--repeat", "2", "--zoo-size",
+         "--device", "cpu"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    out = run.stdout
+    assert out.count("round ") == 2, out
+    assert out.index("round 1/2") < out.index("round 2/2") < out.index("transformers (batch 1)")
+    hf_rates = [float(m) for m in re.findall(r"transformers \(batch \d\).* ([\d.]+) tok/s", out)]
+    assert len(hf_rates) == 2 and min(hf_rates) > 0, out
+    line = next(row for row in out.splitlines() if "titanserve (1 worker)" in row)
+    best, rounds = _ratios(line)
+    assert best > 0 and len(rounds) == 2 and all(r > 0 for r in rounds), line
+    assert re.search(r"agree \d+%  outside compute \d+%", line), line
+
+
+def _ratios(line: str) -> tuple[float, list[float]]:
+    """(ratio to the best transformers run, [ratio to each round's fastest transformers])."""
+    best = float(re.search(r"x([\d.]+) vs best HF", line).group(1))
+    rounds = re.search(r"\(rounds ([^)]*)\)", line).group(1)
+    return best, [float(r.lstrip("x")) for r in rounds.split(" / ")]
