@@ -271,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
                         default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where both engines run (default: cuda when there is one)")
     args = parser.parse_args(argv)
+    if args.repeat < 1 or args.num_requests < 1 or not args.hf_batch_sizes:
+        parser.error("--repeat and --num-requests must be >= 1 and --hf-batch-sizes non-empty")
     # The engine fixes glibc's malloc thresholds when it starts; do it first, so that
     # transformers runs under the same allocator settings.
     tuned = tune_malloc()

@@ -35,3 +35,10 @@ def _ratios(line: str) -> tuple[float, list[float]]:
     best = float(re.search(r"x([\d.]+) vs best HF", line).group(1))
     rounds = re.search(r"\(rounds ([^)]*)\)", line).group(1)
     return best, [float(r.lstrip("x")) for r in rounds.split(" / ")]
+
+
+def test_throughput_benchmark_rejects_zero_rounds() -> None:
+    run = subprocess.run([sys.executable, str(SCRIPT), "--repeat", "0"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "--repeat and --num-requests must be >= 1" in run.stderr
+    assert "Traceback" not in run.stderr
