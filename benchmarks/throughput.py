@@ -59,20 +59,10 @@ def make_requests(
 
 
 def run_titanserve(
-    path: Path, requests: list[Request], workers: int, dtype: str, device: str, repeat: int = 1,
-    **options,
-) -> dict:
-    """Best of `repeat` runs, each a fresh engine (a warm prefix cache would flatter it).
-    `options`: more `LLM` keywords."""
-    runs = [_titanserve_once(path, requests, workers, dtype, device, **options)
-            for _ in range(repeat)]
-    return min(runs, key=lambda r: r["elapsed_s"])
-
-
-def _titanserve_once(
     path: Path, requests: list[Request], workers: int, dtype: str, device: str, **options
 ) -> dict:
-    """Time `LLM.generate` on all requests at once (after a warm-up request)."""
+    """Time `LLM.generate` on all requests at once, after a warm-up request, on a fresh engine
+    (a warm prefix cache would flatter it). `options`: more `LLM` keywords."""
     llm = LLM(str(path), dtype=dtype, num_workers=workers, device=device, progress=False,
               **options)
     try:
@@ -118,8 +108,7 @@ def _time_big_batch_steps(engine, min_batch: int = BIG_BATCH) -> list[float]:
 
 @torch.inference_mode()
 def run_hf(
-    path: Path, requests: list[Request], batch_size: int, dtype: str, device: str,
-    repeat: int = 1,
+    path: Path, requests: list[Request], batch_size: int, dtype: str, device: str
 ) -> dict:
     """Time batched `transformers.generate` (left padding, attention mask, greedy, no EOS)."""
     import transformers
@@ -147,13 +136,15 @@ def run_hf(
         return [out[row, width : width + n].tolist() for row, (_, n) in enumerate(batch)]
 
     generate([(requests[0][0][:16], 2)])  # warm-up
-    elapsed = float("inf")
-    for _ in range(repeat):  # best of `repeat`
-        start, token_ids = time.perf_counter(), []
-        for i in range(0, len(requests), batch_size):
-            token_ids += generate(requests[i : i + batch_size])
-        elapsed = min(elapsed, time.perf_counter() - start)
+    start, token_ids = time.perf_counter(), []
+    for i in range(0, len(requests), batch_size):
+        token_ids += generate(requests[i : i + batch_size])
+    elapsed = time.perf_counter() - start
     return {"elapsed_s": elapsed, "tokens": sum(map(len, token_ids)), "token_ids": token_ids}
+
+
+def _fastest(runs: list[dict]) -> dict:
+    return min(runs, key=lambda r: r["elapsed_s"])
 
 
 def agreement(a: list[list[int]], b: list[list[int]]) -> float:
@@ -206,10 +197,10 @@ def bench_tiny(name: str, workers: list[int], args: argparse.Namespace, tmp: Pat
                                                           args.device, enforce_eager=eager))
             except Exception as e:  # one broken configuration must not hide the others' numbers
                 failed[w, eager] = f"FAILED: {type(e).__name__}: {e}"
-    best = {b: min(runs, key=lambda r: r["elapsed_s"]) for b, runs in hf_rounds.items()}
+    best = {b: _fastest(runs) for b, runs in hf_rounds.items()}
     for batch_size, run in best.items():
         _row(f"transformers (batch {batch_size})", run)
-    hf = min(best.values(), key=lambda r: r["elapsed_s"])  # the fastest batch size: baseline
+    hf = _fastest(list(best.values()))  # the fastest batch size is the baseline
     hf_rate = hf["tokens"] / hf["elapsed_s"]
     # per round: titanserve against that round's fastest transformers batch size
     hf_per_round = [min(runs[i]["elapsed_s"] for runs in hf_rounds.values())
@@ -219,7 +210,7 @@ def bench_tiny(name: str, workers: list[int], args: argparse.Namespace, tmp: Pat
         if (w, eager) in failed:
             print(f"  {label:<31}{failed[w, eager]}", flush=True)
             continue
-        ts = min(runs, key=lambda r: r["elapsed_s"])
+        ts = _fastest(runs)
         extra = f"  x{ts['tokens'] / ts['elapsed_s'] / hf_rate:.2f} vs best HF"
         if len(runs) > 1:
             extra += " (rounds " + " / ".join(
@@ -244,9 +235,11 @@ def bench_smollm2(args: argparse.Namespace, tmp: Path) -> None:
     print("\nsmollm2-135M (bf16, 32 prompt tokens, 64 output tokens)", flush=True)
     for batch in (1, 8):
         requests = make_requests(batch, 49152, (32, 32), (64, 64), args.seed)
-        hf = run_hf(path, requests, batch, "bfloat16", args.device, args.repeat)
+        rounds = [(run_hf(path, requests, batch, "bfloat16", args.device),
+                   run_titanserve(path, requests, 1, "bfloat16", args.device))
+                  for _ in range(args.repeat)]  # interleaved, as in bench_tiny
+        hf, ts = (_fastest(list(side)) for side in zip(*rounds))
         _row(f"transformers b{batch}", hf)
-        ts = run_titanserve(path, requests, 1, "bfloat16", args.device, args.repeat)
         ratio = (ts["tokens"] / ts["elapsed_s"]) / (hf["tokens"] / hf["elapsed_s"])
         _row(f"titanserve b{batch}", ts, f"  x{ratio:.2f} vs HF")
 
