@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from titanserve import LLM, SamplingParams
 from titanserve.kernels.cpu_experts import PackedExperts
+from titanserve.kernels.weight_layout import listed_weights
 
 FAMILIES = ["llama", "qwen2", "qwen3", "mixtral", "qwen2-moe", "qwen3-moe"]
 PROMPT_LENGTHS = [3, 11, 19, 27, 35, 43, 52, 60]
@@ -124,9 +125,9 @@ def test_packed_weights_match_transformers(family, hf_reference, pack_every_weig
     below the packing thresholds): linears with row buckets, the per-expert packed loop."""
     ref = hf_reference(family)
     with make_llm(ref.path) as llm:
-        modules = list(llm.engine.executor.runner.model.modules())
-        linears = [getattr(m, n) for m in modules for n in getattr(type(m), "LINEAR_WEIGHTS", ())]
-        stacks = [getattr(m, n) for m in modules for n in getattr(type(m), "EXPERT_WEIGHTS", ())]
+        model = llm.engine.executor.runner.model
+        linears = [w for _, _, w in listed_weights(model, "LINEAR_WEIGHTS")]
+        stacks = [w for _, _, w in listed_weights(model, "EXPERT_WEIGHTS")]
         assert linears and all(w.is_mkldnn for w in linears)
         assert bool(stacks) == (family != "llama")
         assert all(isinstance(w, PackedExperts) for w in stacks)

@@ -14,6 +14,7 @@ from titanserve.core.config import ModelConfig
 from titanserve.core.model import layers
 from titanserve.core.model_runner import ModelRunner
 from titanserve.kernels.cpu_experts import PackedExperts
+from titanserve.kernels.weight_layout import listed_weights
 from titanserve.moe.placement import ExpertPlacement
 
 
@@ -58,17 +59,9 @@ def test_the_cpu_runner_packs_its_model(tiny_model, family, forced, request):
         placement=ExpertPlacement.contiguous(cfg.num_experts), progress=False,
     )
     model = runner.model
-    listed = [
-        getattr(module, name)
-        for module in model.modules()
-        for name in getattr(type(module), "LINEAR_WEIGHTS", ())
-    ]
+    listed = [w for _, _, w in listed_weights(model, "LINEAR_WEIGHTS")]
     assert listed and all(w.is_mkldnn == forced for w in listed)
-    experts = [
-        getattr(module, name)
-        for module in model.modules()
-        for name in getattr(type(module), "EXPERT_WEIGHTS", ())
-    ]
+    experts = [w for _, _, w in listed_weights(model, "EXPERT_WEIGHTS")]
     assert bool(experts) == bool(cfg.num_experts)
     if forced:
         assert all(isinstance(w, PackedExperts) for w in experts)
