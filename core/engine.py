@@ -110,7 +110,7 @@ class Engine:
 
     def _make_executor(self):
         c = self.config
-        if c.num_workers == 1 and not c.worker_processes:
+        if c.num_workers == 1 and not c.resolve_worker_processes(c.resolve_device(0)):
             from titanserve.core.executor import InProcessExecutor
 
             return InProcessExecutor(

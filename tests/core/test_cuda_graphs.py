@@ -58,7 +58,7 @@ def test_static_padded_decode_steps_match_eager_steps(family, kernels, tiny_mode
                                                       random_prompts):
     prompts = random_prompts([5, 17, 40, 3, 29, 11, 64], seed=4)
     with LLM(tiny_model(family), block_size=4, max_num_seqs=8, enforce_eager=True,
-             progress=False) as llm, forced_backend(kernels):
+             worker_processes=False, progress=False) as llm, forced_backend(kernels):
         expected = _generate(llm, prompts)
         runner = llm.engine.executor.runner
         # up to 4: the first decode steps stay eager, the others pad to 4, 2 or 1 rows
@@ -77,7 +77,7 @@ def test_static_padded_decode_steps_match_eager_steps(family, kernels, tiny_mode
 
 
 def test_a_forward_with_collectives_stays_eager(tiny_model):
-    with LLM(tiny_model("mixtral"), progress=False) as llm:
+    with LLM(tiny_model("mixtral"), worker_processes=False, progress=False) as llm:
         runner = llm.engine.executor.runner
         assert runner.capture_decode_graphs(8, capture=False, progress=False)
         moe = next(m for m in runner.model.modules() if hasattr(m, "exchange"))
@@ -92,7 +92,9 @@ def test_captured_graphs_serve_what_eager_steps_serve(family, tiny_model, random
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     prompts = random_prompts([5, 17, 40, 3, 29, 11, 64, 300, 1], seed=6)
-    options = dict(max_num_seqs=16, max_num_batched_tokens=256, progress=False)
+    # in this process, where the test reads the runner's graphs
+    options = dict(max_num_seqs=16, max_num_batched_tokens=256, worker_processes=False,
+                   progress=False)
     with LLM(tiny_model(family), enforce_eager=True, **options) as llm:
         assert llm.engine.executor.runner.decode_graphs is None
         expected = _generate(llm, prompts)

@@ -340,7 +340,7 @@ def test_worker_state_of_finished_requests_is_dropped(tiny_model, random_prompts
     """A worker keeps per-request sampling state until a plan lists the request as finished.
     A step that schedules nothing is never sent (an idle server step, or async scheduling's
     step planned ahead of the last one), so the ids it would carry wait for the next step."""
-    with make_llm(tiny_model("llama")) as llm:
+    with make_llm(tiny_model("llama"), worker_processes=False) as llm:  # runner read
         states = llm.engine.executor.runner.states
         first = llm.generate(random_prompts([5, 7, 9]), greedy(4))
         assert len(states) == 3  # nothing has run since they finished

@@ -124,7 +124,7 @@ def test_packed_weights_match_transformers(family, hf_reference, pack_every_weig
     """Every weight packed for oneDNN, as a full-size model's are on CPU (a tiny model's are
     below the packing thresholds): linears with row buckets, the per-expert packed loop."""
     ref = hf_reference(family)
-    with make_llm(ref.path) as llm:
+    with make_llm(ref.path, worker_processes=False) as llm:  # runner read
         model = llm.engine.executor.runner.model
         linears = [w for _, _, w in listed_weights(model, "LINEAR_WEIGHTS")]
         stacks = [w for _, _, w in listed_weights(model, "EXPERT_WEIGHTS")]

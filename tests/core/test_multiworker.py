@@ -233,6 +233,35 @@ def test_workers_without_a_named_gpu_take_the_gpus_in_turn(monkeypatch, device, 
     assert [str(config.resolve_device(rank)) for rank in range(3)] == expected
 
 
+@pytest.mark.parametrize(
+    "workers,device,option,expected",
+    [(1, "cpu", None, False), (1, "cuda", None, True), (2, "cpu", None, True),
+     (1, "cuda", False, False), (1, "cpu", True, True), (2, "cuda", False, False)],
+)
+def test_one_gpu_worker_gets_a_process_of_its_own(workers, device, option, expected):
+    """By default, so that the engine's work overlaps the GPU's step (async scheduling); one
+    CPU worker stays in the engine's process, where the engine would take its cores."""
+    from titanserve.core.engine_config import EngineConfig
+
+    config = EngineConfig(model="m", num_workers=workers, worker_processes=option)
+    assert config.resolve_worker_processes(torch.device(device)) is expected
+
+
+def test_the_engine_follows_the_worker_process_choice(tmp_path_factory, monkeypatch):
+    from titanserve.core.engine_config import EngineConfig
+    from titanserve.core.executor import InProcessExecutor
+    from titanserve.core.multiproc_executor import MultiProcExecutor
+
+    path = tiny("llama", tmp_path_factory)
+    with LLM(path, device="cpu", progress=False) as llm:
+        assert isinstance(llm.engine.executor, InProcessExecutor)
+    monkeypatch.setattr(EngineConfig, "resolve_worker_processes", lambda self, device: True)
+    with LLM(path, device="cpu", progress=False) as llm:
+        assert isinstance(llm.engine.executor, MultiProcExecutor)
+        (out,) = llm.generate([[3, 4, 5]], SamplingParams(max_tokens=2, temperature=0.0))
+        assert len(out.token_ids) == 2
+
+
 def test_stopped_worker_is_lost_when_its_heartbeats_stop(tmp_path_factory, monkeypatch):
     """A SIGSTOPped process still exists and there are no collectives in a dense model, so
     only the missing heartbeats can tell; an idle pause longer than the timeout is fine."""

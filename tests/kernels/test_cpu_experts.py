@@ -103,7 +103,7 @@ def test_what_the_cpu_runner_packs(tmp_path, request, forced):
     if forced:
         request.getfixturevalue("pack_every_weight")
     path = make_tiny("mixtral", tmp_path, num_hidden_layers=2)
-    with LLM(path, progress=False) as llm:
+    with LLM(path, progress=False, worker_processes=False) as llm:  # runner read
         layers = [m for m in llm.engine.executor.runner.model.modules()
                   if isinstance(m, MoELayer)]
         assert len(layers) == 2

@@ -24,7 +24,8 @@ def test_tiny_mixtral_triton_backend_matches_torch(tmp_path):
         ref_logits, ref_outs = run(llm, prompts)
     # Loaded under the forced backend: the experts stay dense stacks for the Triton kernel
     # (on the torch backend they are packed for oneDNN, kernels.cpu_experts).
-    with forced_backend("triton"), LLM(path, progress=False, block_size=4) as llm:
+    with forced_backend("triton"), LLM(path, progress=False, block_size=4,
+                                          worker_processes=False) as llm:  # runner read
         model = llm.engine.executor.runner.model
         assert all(isinstance(m.w_gate_up, torch.Tensor) for m in model.modules()
                    if isinstance(m, MoELayer))
