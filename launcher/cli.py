@@ -128,6 +128,11 @@ def _engine_flags() -> argparse.ArgumentParser:
     )
     g.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
     g.add_argument(
+        "--worker-processes",
+        action=argparse.BooleanOptionalAction,
+        help="workers in processes of their own (default: with several workers, or one on a GPU)",
+    )
+    g.add_argument(
         "--warmup",
         action=argparse.BooleanOptionalAction,
         help="compile the GPU kernels at start, on throw-away requests (default: on CUDA)",

@@ -26,6 +26,7 @@ ENGINE_FIELDS = (
     "num_threads",
     "bind_cpu_cores",
     "device",
+    "worker_processes",
     "warmup",
     "enforce_eager",
     "seed",

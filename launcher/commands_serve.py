@@ -38,6 +38,9 @@ def serve(args: argparse.Namespace) -> int:
             f"{args.address} is reachable from other machines: create keys with "
             "`titanserve keygen --out DIR` and pass --keys DIR (clients need server.public)"
         )
+    if args.worker_processes is False:
+        raise UsageError("serve always runs its workers in processes of their own: "
+                         "drop --no-worker-processes")
     from titanserve.core.server import Server
 
     llm = open_engine(args, worker_processes=True)  # the scheduler never holds the model

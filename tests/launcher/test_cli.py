@@ -121,6 +121,7 @@ def test_bench_reports_throughput(tiny_llama):
         (["serve", "{model}", "--address", "tcp://0.0.0.0:7733"], ["keygen", "--keys"]),
         (["serve", "{model}", "--address", "udp://x"], ["tcp://HOST:PORT or ipc://PATH"]),
         (["serve", "{model}", "--keys", "/no/such/dir"], ["no key pair", "keygen"]),
+        (["serve", "{model}", "--no-worker-processes"], ["serve always", "--no-worker-processes"]),
         ([], ["<command>"]),
     ],
 )
@@ -141,14 +142,15 @@ def test_engine_flags_become_llm_keywords_and_only_those_given():
 
     parse = build_parser().parse_args
     flags = ["--no-bind-cpu-cores", "--num-threads", "3", "--no-async-scheduling", "--warmup",
-             "--enforce-eager"]
+             "--enforce-eager", "--worker-processes"]
     args = parse(["generate", "m", "--prompt", "x", *flags])
     assert engine_kwargs(args) == {
         "bind_cpu_cores": False, "num_threads": 3, "async_scheduling": False, "warmup": True,
-        "enforce_eager": True,
+        "enforce_eager": True, "worker_processes": True,
     }  # fmt: skip
-    assert engine_kwargs(parse(["generate", "m", "--prompt", "x", "--no-warmup"])) == {
-        "warmup": False
+    assert engine_kwargs(parse(["generate", "m", "--prompt", "x", "--no-warmup",
+                                "--no-worker-processes"])) == {
+        "warmup": False, "worker_processes": False
     }
     assert engine_kwargs(parse(["generate", "m", "--prompt", "x"])) == {}
 
