@@ -120,7 +120,7 @@ class EngineConfig:
         """Whether workers run in processes of their own. By default several workers do,
         and so does one on a GPU: the engine then plans step t+1 and turns step t-1's tokens
         into outputs on its own core while the GPU runs step t (async scheduling), where in one
-        process it would wait for each step (on an H100, 26-34% of a tiny model's step time
+        process it would wait for each step (on an H100, 21-40% of a tiny model's step time
         went to the engine's work in between). One CPU worker stays in the engine's process:
         there the engine's work would take cores from the model."""
         if self.worker_processes is not None:
