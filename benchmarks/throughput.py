@@ -2,7 +2,7 @@
 
     python benchmarks/throughput.py [--models tiny-mixtral tiny-llama] [--workers 1 2]
                                     [--num-requests 64] [--hf-batch-sizes 16 32 64] [--smollm2]
-                                    [--zoo-size] [--repeat N]
+                                    [--zoo-size] [--repeat N] [--eager-too] [--process-ab]
 
 64 seeded random requests (prompts of 32-256 tokens, 64-128 output tokens, EOS ignored, greedy)
 on tiny fp32 checkpoints from `make_tiny`, scaled up so that model compute is not trivial
@@ -14,7 +14,9 @@ of `--hf-batch-sizes` and the fastest is the baseline (on this CPU, batch 64 bea
 `--repeat N` runs N rounds of all of that, interleaved (a host whose speed drifts then slows both
 sides alike); each configuration keeps its best round, and titanserve's line adds its ratio to
 each round's fastest transformers. `--smollm2` adds SmolLM2-135M (bf16) decode tok/s at batch 1
-and 8. Both run on `--device` (default: CUDA when there is one).
+and 8. Both run on `--device` (default: CUDA when there is one). `--eager-too` adds titanserve
+without CUDA graphs; `--process-ab` adds one worker placed where it does not run by default (in
+the engine's process on CUDA, in a process of its own on CPU).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from pathlib import Path
 import torch
 
 from titanserve.core.cpu_malloc import tune_malloc
+from titanserve.core.engine_config import EngineConfig
 from titanserve.core.llm import LLM
 from titanserve.core.sampling_params import SamplingParams
 from titanserve.launcher.tiny_models import make_tiny
@@ -165,6 +168,22 @@ def _row(label: str, result: dict, extra: str = "") -> None:
     )
 
 
+def titanserve_configs(workers: list[int], args: argparse.Namespace) -> list[tuple[str, int, dict]]:
+    """(row label, workers, more `LLM` keywords) of each titanserve configuration timed."""
+
+    def label(w: int, note: str = "") -> str:
+        return f"titanserve ({w} worker{'s' * (w > 1)}{', ' + note if note else ''})"
+
+    configs = [(label(w), w, {}) for w in workers]
+    if args.eager_too and args.device == "cuda":
+        configs += [(label(w, "eager"), w, {"enforce_eager": True}) for w in workers]
+    if args.process_ab and 1 in workers:
+        own = EngineConfig(model="-").resolve_worker_processes(torch.device(args.device))
+        configs.append((label(1, "in-process" if own else "own process"), 1,
+                        {"worker_processes": not own}))
+    return configs
+
+
 def bench_tiny(name: str, workers: list[int], args: argparse.Namespace, tmp: Path) -> None:
     """One tiny model: `--repeat` rounds, each running transformers at every batch size and then
     titanserve at every worker count, so that both sides sample the same stretch of a host whose
@@ -177,26 +196,24 @@ def bench_tiny(name: str, workers: list[int], args: argparse.Namespace, tmp: Pat
     n_in = sum(len(p) for p, _ in requests)
     print(f"\n{name} (fp32, hidden {config['hidden_size']}, {config['num_hidden_layers']} "
           f"layers, {len(requests)} requests, {n_in} prompt tokens)", flush=True)
-    configs = [(w, False) for w in workers]
-    if args.eager_too and args.device == "cuda":
-        configs += [(w, True) for w in workers]
+    configs = titanserve_configs(workers, args)
     hf_rounds: dict[int, list[dict]] = {b: [] for b in args.hf_batch_sizes}
-    ts_rounds: dict[tuple[int, bool], list[dict]] = {c: [] for c in configs}
-    failed: dict[tuple[int, bool], str] = {}
+    ts_rounds: dict[str, list[dict]] = {label: [] for label, _, _ in configs}
+    failed: dict[str, str] = {}
     for round_ in range(args.repeat):
         if args.repeat > 1:
             print(f"  round {round_ + 1}/{args.repeat}", flush=True)
         for batch_size in args.hf_batch_sizes:
             hf_rounds[batch_size].append(run_hf(path, requests, batch_size, "float32",
                                                 args.device))
-        for w, eager in configs:
-            if (w, eager) in failed:
+        for label, w, options in configs:
+            if label in failed:
                 continue
             try:
-                ts_rounds[w, eager].append(run_titanserve(path, requests, w, "float32",
-                                                          args.device, enforce_eager=eager))
+                ts_rounds[label].append(run_titanserve(path, requests, w, "float32",
+                                                       args.device, **options))
             except Exception as e:  # one broken configuration must not hide the others' numbers
-                failed[w, eager] = f"FAILED: {type(e).__name__}: {e}"
+                failed[label] = f"FAILED: {type(e).__name__}: {e}"
     best = {b: _fastest(runs) for b, runs in hf_rounds.items()}
     for batch_size, run in best.items():
         _row(f"transformers (batch {batch_size})", run)
@@ -205,10 +222,9 @@ def bench_tiny(name: str, workers: list[int], args: argparse.Namespace, tmp: Pat
     # per round: titanserve against that round's fastest transformers batch size
     hf_per_round = [min(runs[i]["elapsed_s"] for runs in hf_rounds.values())
                     for i in range(args.repeat)]
-    for (w, eager), runs in ts_rounds.items():
-        label = f"titanserve ({w} worker{'s' * (w > 1)}{', eager' * eager})"
-        if (w, eager) in failed:
-            print(f"  {label:<31}{failed[w, eager]}", flush=True)
+    for label, runs in ts_rounds.items():
+        if label in failed:
+            print(f"  {label:<31}{failed[label]}", flush=True)
             continue
         ts = _fastest(runs)
         extra = f"  x{ts['tokens'] / ts['elapsed_s'] / hf_rate:.2f} vs best HF"
@@ -260,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="the tiny zoo's own sizes (hidden 64, 3 layers), not scaled up")
     parser.add_argument("--eager-too", action="store_true",
                         help="on CUDA, also time titanserve without CUDA graphs")
+    parser.add_argument("--process-ab", action="store_true",
+                        help="with 1 worker, also time it where it does not run by default: in "
+                             "the engine's process on CUDA, in a process of its own on CPU")
     parser.add_argument("--device", choices=["cpu", "cuda"],
                         default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where both engines run (default: cuda when there is one)")

@@ -15,7 +15,7 @@ def test_throughput_benchmark_interleaves_rounds() -> None:
     run = subprocess.run(
         [sys.executable, str(SCRIPT), "--models", "tiny-llama", "--workers", "1",
          "--num-requests", "2", "--hf-batch-sizes", "1", "2", "--repeat", "2", "--zoo-size",
-         "--device", "cpu"],
+         "--device", "cpu", "--process-ab"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
@@ -28,6 +28,9 @@ def test_throughput_benchmark_interleaves_rounds() -> None:
     best, rounds = _ratios(line)
     assert best > 0 and len(rounds) == 2 and all(r > 0 for r in rounds), line
     assert re.search(r"agree \d+%  outside compute \d+%", line), line
+    # --process-ab: on CPU one worker runs in the engine's process by default; the other way too
+    other = next(row for row in out.splitlines() if "titanserve (1 worker, own process)" in row)
+    assert len(_ratios(other)[1]) == 2 and re.search(r"agree \d+%", other), other
 
 
 def _ratios(line: str) -> tuple[float, list[float]]:
