@@ -78,7 +78,7 @@ class Engine:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(eos))
-        self.executor = self._make_executor()
+        self.executor = self._make_executor(device)
         self.scheduler = Scheduler(
             SchedulerConfig(
                 config.max_num_batched_tokens,
@@ -108,9 +108,9 @@ class Engine:
                 self.shutdown()
                 raise
 
-    def _make_executor(self):
+    def _make_executor(self, device: torch.device):
         c = self.config
-        if c.num_workers == 1 and not c.resolve_worker_processes(c.resolve_device(0)):
+        if c.num_workers == 1 and not c.resolve_worker_processes(device):
             from titanserve.core.executor import InProcessExecutor
 
             return InProcessExecutor(
