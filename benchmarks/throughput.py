@@ -3,6 +3,7 @@
     python benchmarks/throughput.py [--models tiny-mixtral tiny-llama] [--workers 1 2]
                                     [--num-requests 64] [--hf-batch-sizes 16 32 64] [--smollm2]
                                     [--zoo-size] [--repeat N] [--eager-too] [--process-ab]
+                                    [--big-batch 32]
 
 64 seeded random requests (prompts of 32-256 tokens, 64-128 output tokens, EOS ignored, greedy)
 on tiny fp32 checkpoints from `make_tiny`, scaled up so that model compute is not trivial
@@ -10,7 +11,9 @@ on tiny fp32 checkpoints from `make_tiny`, scaled up so that model compute is no
 transformers runs them in batches with left padding and an attention mask; a batch generates
 its longest output, and only the tokens each request asked for are counted. It runs at each
 of `--hf-batch-sizes` and the fastest is the baseline (on this CPU, batch 64 beat batch 16 by
-25-90%). Prints output tokens/s of both, the ratio, and how many greedy tokens agree.
+25-90%). Prints output tokens/s of both, the ratio, how many greedy tokens agree, and the
+share of step time outside model compute; at batch >= 32 with experts across workers, also the
+slowest worker's all-to-all time in two parts: waiting for the others, and the rest (work).
 `--repeat N` runs N rounds of all of that, interleaved (a host whose speed drifts then slows both
 sides alike); each configuration keeps its best round, and titanserve's line adds its ratio to
 each round's fastest transformers. `--smollm2` adds SmolLM2-135M (bf16) decode tok/s at batch 1
@@ -62,10 +65,12 @@ def make_requests(
 
 
 def run_titanserve(
-    path: Path, requests: list[Request], workers: int, dtype: str, device: str, **options
+    path: Path, requests: list[Request], workers: int, dtype: str, device: str,
+    big_batch: int = BIG_BATCH, **options,
 ) -> dict:
     """Time `LLM.generate` on all requests at once, after a warm-up request, on a fresh engine
-    (a warm prefix cache would flatter it). `options`: more `LLM` keywords."""
+    (a warm prefix cache would flatter it); the `*_big_batch` figures count steps with at
+    least `big_batch` requests running. `options`: more `LLM` keywords."""
     llm = LLM(str(path), dtype=dtype, num_workers=workers, device=device, progress=False,
               **options)
     try:
@@ -75,34 +80,42 @@ def run_titanserve(
         llm.generate([requests[0][0][:16]], params[0])  # warm-up (one-time costs)
         engine = llm.engine
         engine.reset_stats()  # count the timed run only
-        big_batch = _time_big_batch_steps(engine)
+        big_batch_totals = _time_big_batch_steps(engine, big_batch)
         start = time.perf_counter()
         outputs = llm.generate([p for p, _ in requests], params)
         elapsed = time.perf_counter() - start
-        wall, compute = big_batch
+        wall, compute, comm, comm_wait = big_batch_totals
         return {
             "elapsed_s": elapsed,
             "tokens": sum(len(o.token_ids) for o in outputs),
             "token_ids": [o.token_ids for o in outputs],
             "overhead": engine.overhead_fraction,
             "overhead_big_batch": max(0.0, 1 - compute / wall) if wall else None,
+            # the slowest worker in all-to-alls: waiting for the others, and the rest of it
+            "a2a_wait_big_batch": comm_wait / wall if wall else None,
+            "a2a_work_big_batch": (comm - comm_wait) / wall if wall else None,
         }
     finally:
         llm.shutdown()
 
 
 def _time_big_batch_steps(engine, min_batch: int = BIG_BATCH) -> list[float]:
-    """[wall, model compute] summed over engine steps taken with >= min_batch requests
-    running (the tail of a run, where few are left, has shorter steps)."""
-    totals = [0.0, 0.0]
+    """[wall, model compute, all-to-all time, of it waiting] summed over engine steps taken
+    with >= min_batch requests running (the tail of a run, where few are left, has shorter
+    steps); the last two are the slowest worker's (see `Engine.overhead_parts`)."""
+    totals = [0.0, 0.0, 0.0, 0.0]
     step = engine.step
 
+    def counters() -> tuple[float, float, float]:
+        return engine.compute_time_s, engine.comm_time_s, engine.comm_wait_time_s
+
     def timed_step():
-        batch, t0, c0 = len(engine.scheduler.running), time.perf_counter(), engine.compute_time_s
+        batch, t0, before = len(engine.scheduler.running), time.perf_counter(), counters()
         deltas = step()
         if batch >= min_batch:
             totals[0] += time.perf_counter() - t0
-            totals[1] += engine.compute_time_s - c0
+            for i, (now, then) in enumerate(zip(counters(), before), start=1):
+                totals[i] += now - then
         return deltas
 
     engine.step = timed_step
@@ -211,7 +224,7 @@ def bench_tiny(name: str, workers: list[int], args: argparse.Namespace, tmp: Pat
                 continue
             try:
                 ts_rounds[label].append(run_titanserve(path, requests, w, "float32",
-                                                       args.device, **options))
+                                                       args.device, args.big_batch, **options))
             except Exception as e:  # one broken configuration must not hide the others' numbers
                 failed[label] = f"FAILED: {type(e).__name__}: {e}"
     best = {b: _fastest(runs) for b, runs in hf_rounds.items()}
@@ -235,7 +248,11 @@ def bench_tiny(name: str, workers: list[int], args: argparse.Namespace, tmp: Pat
         if ts["overhead"] is not None:
             extra += f"  outside compute {ts['overhead']:.0%}"
         if ts["overhead_big_batch"] is not None:
-            extra += f" (batch >= {BIG_BATCH}: {ts['overhead_big_batch']:.0%})"
+            extra += f" (batch >= {args.big_batch}: {ts['overhead_big_batch']:.0%}"
+            if ts["a2a_work_big_batch"]:  # workers that exchange experts: what it consists of
+                extra += (f"; all-to-all wait {ts['a2a_wait_big_batch']:.0%}, "
+                          f"work {ts['a2a_work_big_batch']:.0%}")
+            extra += ")"
         _row(label, ts, extra)
 
 
@@ -269,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hf-batch-sizes", nargs="+", type=int, default=[16, 32, 64],
                         help="transformers batch sizes tried; the fastest is the baseline")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--big-batch", type=int, default=BIG_BATCH,
+                        help="steps with at least this many requests running count as big "
+                             "(the overhead goal's condition)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="rounds, interleaved; each configuration keeps its best (noisy hosts)")
     parser.add_argument("--smollm2", action="store_true", help="add SmolLM2-135M bf16 b1/b8")
@@ -283,8 +303,9 @@ def main(argv: list[str] | None = None) -> int:
                         default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where both engines run (default: cuda when there is one)")
     args = parser.parse_args(argv)
-    if args.repeat < 1 or args.num_requests < 1 or not args.hf_batch_sizes:
-        parser.error("--repeat and --num-requests must be >= 1 and --hf-batch-sizes non-empty")
+    if min(args.repeat, args.num_requests, args.big_batch) < 1 or not args.hf_batch_sizes:
+        parser.error("--repeat, --num-requests and --big-batch must be >= 1 and "
+                     "--hf-batch-sizes non-empty")
     # The engine fixes glibc's malloc thresholds when it starts; do it first, so that
     # transformers runs under the same allocator settings.
     tuned = tune_malloc()

@@ -92,9 +92,8 @@ class Engine:
             ],
         )
         self.trackers: dict[str, _Tracker] = {}
-        self.step_time_s = 0.0  # wall time inside step(), and of it the model's compute
-        self.compute_time_s = 0.0
         self.num_steps = 0
+        self.reset_stats()
         self._ids = itertools.count()
         self._pending: list[tuple[str, int]] = []  # (request id, token) sampled last step
         # Async scheduling: the next step, planned and submitted while the current one runs.
@@ -213,8 +212,11 @@ class Engine:
         return deltas
 
     def reset_stats(self) -> None:
-        """Zero the step counters (steps, their wall time and model compute)."""
+        """Zero the step counters: steps, their wall time, and of it the model's compute
+        and the all-to-alls of the worker whose compute counts (the slowest), of which the
+        time it waited there for the others."""
         self.step_time_s = self.compute_time_s = 0.0
+        self.comm_time_s = self.comm_wait_time_s = 0.0
         self.num_steps = 0
 
     @property
@@ -224,6 +226,18 @@ class Engine:
         if self.step_time_s == 0:
             return 0.0
         return max(0.0, 1.0 - self.compute_time_s / self.step_time_s)
+
+    def overhead_parts(self) -> dict[str, float]:
+        """`overhead_fraction` in parts, as shares of step wall time: the slowest worker
+        waiting in all-to-alls for the others, its all-to-all work besides, and the rest
+        (scheduling, engine <-> worker IPC, output processing, whatever the step does not
+        overlap)."""
+        if self.step_time_s == 0:
+            return {"all-to-all wait": 0.0, "all-to-all work": 0.0, "engine + IPC": 0.0}
+        wait = self.comm_wait_time_s / self.step_time_s
+        work = (self.comm_time_s - self.comm_wait_time_s) / self.step_time_s
+        rest = max(0.0, self.overhead_fraction - wait - work)
+        return {"all-to-all wait": wait, "all-to-all work": work, "engine + IPC": rest}
 
     def _step(self) -> list[StepDelta]:
         """Schedule and submit step t (unless it went out ahead), with async scheduling plan
@@ -262,7 +276,10 @@ class Engine:
                 )
             return deltas
         try:
-            self.compute_time_s += self._collect_step(out, deltas)
+            compute, comm, comm_wait = self._collect_step(out, deltas)
+            self.compute_time_s += compute
+            self.comm_time_s += comm
+            self.comm_wait_time_s += comm_wait
         except BaseException:
             self._undelivered = deltas  # the next step returns them
             if self._ahead is not None:  # planned on results that are now lost: drop it
@@ -271,12 +288,17 @@ class Engine:
             raise
         return deltas
 
-    def _collect_step(self, out: SchedulerOutput, deltas: list[StepDelta]) -> float:
+    def _collect_step(
+        self, out: SchedulerOutput, deltas: list[StepDelta]
+    ) -> tuple[float, float, float]:
         """Take step `out`'s results worker by worker (appending deltas where no core is
-        spare); returns its model compute time (the slowest worker's, all-to-alls excluded)."""
-        compute_time = 0.0
+        spare); returns the model compute time of the slowest worker (its all-to-alls
+        excluded), and that worker's time in all-to-alls and, of it, waiting for the others."""
+        slowest = (0.0, 0.0, 0.0)
         for rank, result, logits in self.executor.collect():  # while the others compute
-            compute_time = max(compute_time, result.compute_time_s - result.comm_time_s)
+            compute = result.compute_time_s - result.comm_time_s
+            if compute > slowest[0]:
+                slowest = (compute, result.comm_time_s, result.comm_wait_s)
             sampled = {s.request_id: s.token_id for s in result.seqs if s.token_id is not None}
             taken = [(r.request_id, t) for r, t in self.scheduler.update(out, sampled, rank)]
             taken_ids = {rid for rid, _ in taken}
@@ -287,7 +309,7 @@ class Engine:
             self._pending += taken
             if not self.executor.overlaps:  # nothing to hide them behind: deliver them now
                 deltas += self._process_pending()
-        return compute_time
+        return slowest
 
     def _process_pending(self) -> list[StepDelta]:
         pending, self._pending = self._pending, []

@@ -194,9 +194,9 @@ def _serve(
         if not isinstance(msg, StepPlan):
             sock.send(encoder.encode(WorkerError(rank=rank, message="already loaded")))
             continue
-        exchange.comm_time_s = 0.0
+        exchange.comm_time_s = exchange.comm_wait_s = 0.0
         result, logits = runner.execute(msg)
-        result.comm_time_s = exchange.comm_time_s
+        result.comm_time_s, result.comm_wait_s = exchange.comm_time_s, exchange.comm_wait_s
         if logits is None:
             sock.send(encoder.encode(result))
         else:

@@ -202,6 +202,7 @@ class StepResult(Struct):
     seqs: list[SeqResult]
     compute_time_s: float = 0.0  # the worker's whole execute, collectives included
     comm_time_s: float = 0.0  # of which inside MoE all-to-alls
+    comm_wait_s: float = 0.0  # of which waiting there for slower workers' messages
 
 
 # ---------------------------------------------------------------- worker lifecycle

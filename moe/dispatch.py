@@ -33,13 +33,16 @@ class ExpertParallel:
         assert collective.world_size == placement.world_size
         self.collective = collective
         self.owner = placement.owner_tensor(device)  # (E,) worker of each expert
-        self.comm_time_s = 0.0  # time inside the all-to-alls, summed until reset by the worker
+        # Time inside the all-to-alls, and of it waiting for slower workers' messages; summed
+        # until reset by the worker.
+        self.comm_time_s = self.comm_wait_s = 0.0
 
     def _all_to_all(self, parts: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
         """(what every worker sent here, concatenated in rank order; rows from each)."""
-        t0 = time.perf_counter()
+        t0, waited = time.perf_counter(), self.collective.peer_wait_s
         out = self.collective.all_to_all_cat(parts)
         self.comm_time_s += time.perf_counter() - t0
+        self.comm_wait_s += self.collective.peer_wait_s - waited
         return out
 
     def __call__(

@@ -33,6 +33,10 @@ class Collective(ABC):
 
     rank: int
     world_size: int
+    # Seconds spent blocked until peers' messages arrived, summed over every call so far: in
+    # a lockstep step, the time this rank waited for slower ranks. 0 where a backend cannot
+    # tell waiting from transferring (torch.distributed).
+    peer_wait_s: float = 0.0
 
     @abstractmethod
     def all_to_all_v(self, send: list[torch.Tensor]) -> list[torch.Tensor]:

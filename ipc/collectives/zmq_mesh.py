@@ -102,6 +102,7 @@ class ZmqMeshCollective(Collective):
         self.rank, self.world_size = rank, world_size
         self.timeout_s = timeout_s
         self._seq = 0
+        self.peer_wait_s = 0.0
         self._stash: dict[tuple[int, int], Frames] = {}  # (seq, src) -> frames not yet used
         self._sockets: ms.MeshSockets | None = None
         self._shm: ShmLane | None = None
@@ -263,6 +264,7 @@ class ZmqMeshCollective(Collective):
         except (zmq.Again, TimeoutError):  # dst kept its slot, or its queue stayed full
             raise self._lost(seq, op, {dst}, "could not queue") from None
         received: dict[int, Frames] = {}
+        waited_from = time.perf_counter()
         by_zmq = sources
         if self._slots is not None:
             by_zmq = []
@@ -294,6 +296,7 @@ class ZmqMeshCollective(Collective):
             assert src in by_zmq and src not in received, f"rank {src} sent op #{seq} wrongly"
             self._check_op(seq, op, src, msg_op)
             received[src] = frames
+        self.peer_wait_s += time.perf_counter() - waited_from
         # NOTE: zero-copy sends read the caller's tensors; once the call returns they are free.
         for dst, tracker in trackers:
             try:

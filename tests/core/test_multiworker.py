@@ -143,7 +143,17 @@ def test_sampled_and_seeded_outputs_do_not_depend_on_worker_count(tmp_path_facto
         single = [o.token_ids for o in llm.generate(token_lists, params)]
     with LLM(path, num_workers=2, progress=False) as llm:
         double = [o.token_ids for o in llm.generate(token_lists, params)]
+        engine = llm.engine
     assert single == double
+    # The all-to-alls of the worker whose compute counts are accounted apart, their waits
+    # for the other worker among them; what they leave of the share outside compute is the rest.
+    assert 0.0 < engine.comm_time_s < engine.step_time_s
+    assert 0.0 <= engine.comm_wait_time_s <= engine.comm_time_s
+    parts = engine.overhead_parts()
+    a2a = parts["all-to-all wait"] + parts["all-to-all work"]
+    assert parts["all-to-all wait"] >= 0.0 and parts["all-to-all work"] > 0.0
+    assert a2a == pytest.approx(engine.comm_time_s / engine.step_time_s)
+    assert parts["engine + IPC"] == pytest.approx(max(0.0, engine.overhead_fraction - a2a))
 
 
 def _children() -> set[int]:

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "throughput.py"
 
 
@@ -33,6 +35,20 @@ def test_throughput_benchmark_interleaves_rounds() -> None:
     assert len(_ratios(other)[1]) == 2 and re.search(r"agree \d+%", other), other
 
 
+def test_throughput_benchmark_splits_the_all_to_all_share() -> None:
+    """Two MoE workers: the share outside compute names the slowest worker's all-to-all time,
+    waiting for the other and the rest."""
+    run = subprocess.run(
+        [sys.executable, str(SCRIPT), "--models", "tiny-mixtral", "--workers", "2",
+         "--num-requests", "4", "--hf-batch-sizes", "4", "--big-batch", "2", "--zoo-size",
+         "--device", "cpu"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    line = next(row for row in run.stdout.splitlines() if "titanserve (2 workers)" in row)
+    assert re.search(r"\(batch >= 2: \d+%; all-to-all wait \d+%, work \d+%\)", line), line
+
+
 def _ratios(line: str) -> tuple[float, list[float]]:
     """(ratio to the best transformers run, [ratio to each round's fastest transformers])."""
     best = float(re.search(r"x([\d.]+) vs best HF", line).group(1))
@@ -40,8 +56,9 @@ def _ratios(line: str) -> tuple[float, list[float]]:
     return best, [float(r.lstrip("x")) for r in rounds.split(" / ")]
 
 
-def test_throughput_benchmark_rejects_zero_rounds() -> None:
-    run = subprocess.run([sys.executable, str(SCRIPT), "--repeat", "0"],
+@pytest.mark.parametrize("flag", ["--repeat", "--big-batch"])
+def test_throughput_benchmark_rejects_zero_rounds_or_batch(flag: str) -> None:
+    run = subprocess.run([sys.executable, str(SCRIPT), flag, "0"],
                          capture_output=True, text=True, timeout=120)
-    assert run.returncode == 2 and "--repeat and --num-requests must be >= 1" in run.stderr
+    assert run.returncode == 2 and "--big-batch must be >= 1" in run.stderr
     assert "Traceback" not in run.stderr

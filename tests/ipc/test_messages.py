@@ -32,6 +32,8 @@ SAMPLES = [
             m.SeqResult(request_id="b"),
         ],
         compute_time_s=0.5,
+        comm_time_s=0.125,
+        comm_wait_s=0.0625,
     ),
     m.WorkerReady(rank=1, local_experts=[4, 5, 6, 7], expert_param_count=1024, num_kv_blocks=64),
     m.WorkerError(rank=0, message="boom", fatal=True, lost_rank=1),

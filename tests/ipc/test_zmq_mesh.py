@@ -145,6 +145,27 @@ def _free_ports(count: int) -> list[int]:
             sock.close()
 
 
+@pytest.mark.parametrize("slot_bytes", [1 << 20, 0], ids=["slots", "zeromq"])
+def test_peer_wait_is_the_time_spent_waiting_for_a_late_peer(slot_bytes: int) -> None:
+    """Rank 1 comes 0.3 s late to an all-to-all: rank 0 counts that wait, rank 1 (whose
+    message from rank 0 is already there) nearly nothing."""
+    socket_dir = make_socket_dir()
+
+    def late_rank_1(rank: int, coll: ZmqMeshCollective) -> float:
+        coll.barrier()
+        before = coll.peer_wait_s
+        if rank == 1:
+            time.sleep(0.3)
+        out, counts = coll.all_to_all_cat([torch.full((2, 3), float(rank))] * 2)
+        assert counts == [2, 2] and out[:2].eq(0).all() and out[2:].eq(1).all()
+        return coll.peer_wait_s - before
+
+    waits = run_ranks(2, lambda r: ZmqMeshCollective(
+        r, 2, socket_dir=socket_dir, timeout_s=5, shm_slot_bytes=slot_bytes), late_rank_1)
+    assert waits[0] >= 0.25, waits
+    assert waits[1] < 0.1, waits
+
+
 def _slots_and_a2a(rank: int, coll: ZmqMeshCollective) -> tuple[bool, list]:
     got = coll.all_to_all_v([torch.tensor([rank * 10 + dst]) for dst in range(2)])
     return coll._slots is not None, [t.tolist() for t in got]
