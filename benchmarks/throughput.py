@@ -12,8 +12,9 @@ transformers runs them in batches with left padding and an attention mask; a bat
 its longest output, and only the tokens each request asked for are counted. It runs at each
 of `--hf-batch-sizes` and the fastest is the baseline (on this CPU, batch 64 beat batch 16 by
 25-90%). Prints output tokens/s of both, the ratio, how many greedy tokens agree, and the
-share of step time outside model compute; at batch >= 32 with experts across workers, also the
-slowest worker's all-to-all time in two parts: waiting for the others, and the rest (work).
+share of step time outside model compute; for steps with at least `--big-batch` (32) requests
+running, with experts across workers, also the slowest worker's all-to-all time in two parts:
+waiting for the others, and the rest (work).
 `--repeat N` runs N rounds of all of that, interleaved (a host whose speed drifts then slows both
 sides alike); each configuration keeps its best round, and titanserve's line adds its ratio to
 each round's fastest transformers. `--smollm2` adds SmolLM2-135M (bf16) decode tok/s at batch 1
