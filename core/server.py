@@ -254,6 +254,7 @@ class Server:
             num_steps_total=engine.num_steps,
             step_time_mean_s=engine.step_time_s / engine.num_steps if engine.num_steps else 0.0,
             overhead_fraction=engine.overhead_fraction,
+            overhead_parts=engine.overhead_parts(),
         )
 
     def close(self) -> None:

@@ -143,6 +143,8 @@ class StatsReply(Struct):
     num_steps_total: int
     step_time_mean_s: float
     overhead_fraction: float  # share of step wall time outside model compute
+    # that share in parts (all-to-all wait, all-to-all work, engine + IPC): Engine.overhead_parts
+    overhead_parts: dict[str, float] = {}
 
 
 ToScheduler = GenerateRequest | AbortRequest | HealthRequest | StatsRequest

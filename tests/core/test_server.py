@@ -232,6 +232,9 @@ def test_health_and_stats(served, client):
     assert stats.num_requests_total >= 2 and stats.num_generated_tokens_total >= 4
     assert stats.prefix_cache_hit_rate > 0 and stats.num_steps_total > 0
     assert stats.num_running == stats.num_waiting == 0 and len(stats.kv_cache_usage) == 1
+    # one worker exchanges nothing: all of the share outside compute is the engine's and IPC's
+    assert stats.overhead_parts == {"all-to-all wait": 0.0, "all-to-all work": 0.0,
+                                    "engine + IPC": pytest.approx(stats.overhead_fraction)}
 
 
 def test_full_queue_answers_overloaded(tiny_model, tmp_path):

@@ -69,6 +69,8 @@ TO_CLIENT_SAMPLES = [
         num_steps_total=900,
         step_time_mean_s=0.015,
         overhead_fraction=0.0625,
+        overhead_parts={"all-to-all wait": 0.0125, "all-to-all work": 0.025,
+                        "engine + IPC": 0.025},
     ),
 ]
 
