@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from titanserve.core.cpu_malloc import tune_malloc
+from titanserve.core.engine import outside_compute
 from titanserve.core.engine_config import EngineConfig
 from titanserve.core.llm import LLM
 from titanserve.core.sampling_params import SamplingParams
@@ -85,16 +86,16 @@ def run_titanserve(
         start = time.perf_counter()
         outputs = llm.generate([p for p, _ in requests], params)
         elapsed = time.perf_counter() - start
-        wall, compute, comm, comm_wait = big_batch_totals
+        big_share, big_parts = outside_compute(*big_batch_totals)
+        wall = big_batch_totals[0]
         return {
             "elapsed_s": elapsed,
             "tokens": sum(len(o.token_ids) for o in outputs),
             "token_ids": [o.token_ids for o in outputs],
             "overhead": engine.overhead_fraction,
-            "overhead_big_batch": max(0.0, 1 - compute / wall) if wall else None,
-            # the slowest worker in all-to-alls: waiting for the others, and the rest of it
-            "a2a_wait_big_batch": comm_wait / wall if wall else None,
-            "a2a_work_big_batch": (comm - comm_wait) / wall if wall else None,
+            "overhead_big_batch": big_share if wall else None,
+            # of it, the slowest worker in all-to-alls: waiting for the others, and the rest
+            "parts_big_batch": big_parts,
         }
     finally:
         llm.shutdown()
@@ -250,9 +251,10 @@ def bench_tiny(name: str, workers: list[int], args: argparse.Namespace, tmp: Pat
             extra += f"  outside compute {ts['overhead']:.0%}"
         if ts["overhead_big_batch"] is not None:
             extra += f" (batch >= {args.big_batch}: {ts['overhead_big_batch']:.0%}"
-            if ts["a2a_work_big_batch"]:  # workers that exchange experts: what it consists of
-                extra += (f"; all-to-all wait {ts['a2a_wait_big_batch']:.0%}, "
-                          f"work {ts['a2a_work_big_batch']:.0%}")
+            parts = ts["parts_big_batch"]
+            if parts["all-to-all work"]:  # workers that exchange experts: what it consists of
+                extra += (f"; all-to-all wait {parts['all-to-all wait']:.0%}, "
+                          f"work {parts['all-to-all work']:.0%}")
             extra += ")"
         _row(label, ts, extra)
 

@@ -39,6 +39,21 @@ def resolve_model_path(model: str) -> Path:
     return path
 
 
+def outside_compute(
+    step_s: float, compute_s: float, comm_s: float = 0.0, comm_wait_s: float = 0.0
+) -> tuple[float, dict[str, float]]:
+    """The share of `step_s` (step wall time) outside `compute_s` (model compute), and that
+    share in parts: `comm_wait_s` (all-to-all time spent waiting for other workers), the rest
+    of `comm_s` (all-to-all time), and what is left (engine + IPC: scheduling, engine <->
+    worker messages, output processing, whatever a step does not overlap). 0 for no steps."""
+    if step_s == 0:
+        return 0.0, {"all-to-all wait": 0.0, "all-to-all work": 0.0, "engine + IPC": 0.0}
+    share = max(0.0, 1.0 - compute_s / step_s)
+    wait, work = comm_wait_s / step_s, (comm_s - comm_wait_s) / step_s
+    rest = max(0.0, share - wait - work)
+    return share, {"all-to-all wait": wait, "all-to-all work": work, "engine + IPC": rest}
+
+
 @dataclass
 class _Tracker:
     request: Request
@@ -92,7 +107,6 @@ class Engine:
             ],
         )
         self.trackers: dict[str, _Tracker] = {}
-        self.num_steps = 0
         self.reset_stats()
         self._ids = itertools.count()
         self._pending: list[tuple[str, int]] = []  # (request id, token) sampled last step
@@ -223,21 +237,14 @@ class Engine:
     def overhead_fraction(self) -> float:
         """Share of step wall time outside model compute: scheduling, IPC, collectives,
         output processing (model compute = the slowest worker's, its all-to-alls excluded)."""
-        if self.step_time_s == 0:
-            return 0.0
-        return max(0.0, 1.0 - self.compute_time_s / self.step_time_s)
+        return outside_compute(self.step_time_s, self.compute_time_s)[0]
 
     def overhead_parts(self) -> dict[str, float]:
-        """`overhead_fraction` in parts, as shares of step wall time: the slowest worker
-        waiting in all-to-alls for the others, its all-to-all work besides, and the rest
-        (scheduling, engine <-> worker IPC, output processing, whatever the step does not
-        overlap)."""
-        if self.step_time_s == 0:
-            return {"all-to-all wait": 0.0, "all-to-all work": 0.0, "engine + IPC": 0.0}
-        wait = self.comm_wait_time_s / self.step_time_s
-        work = (self.comm_time_s - self.comm_wait_time_s) / self.step_time_s
-        rest = max(0.0, self.overhead_fraction - wait - work)
-        return {"all-to-all wait": wait, "all-to-all work": work, "engine + IPC": rest}
+        """`overhead_fraction` in parts (see `outside_compute`), the all-to-alls being those
+        of the slowest worker."""
+        return outside_compute(
+            self.step_time_s, self.compute_time_s, self.comm_time_s, self.comm_wait_time_s
+        )[1]
 
     def _step(self) -> list[StepDelta]:
         """Schedule and submit step t (unless it went out ahead), with async scheduling plan
