@@ -3,7 +3,7 @@
     python benchmarks/throughput.py [--models tiny-mixtral tiny-llama] [--workers 1 2]
                                     [--num-requests 64] [--hf-batch-sizes 16 32 64] [--smollm2]
                                     [--zoo-size] [--repeat N] [--eager-too] [--process-ab]
-                                    [--big-batch 32]
+                                    [--big-batch 32] [--smollm2-moe] [--redundant-experts N]
 
 64 seeded random requests (prompts of 32-256 tokens, 64-128 output tokens, EOS ignored, greedy)
 on tiny fp32 checkpoints from `make_tiny`, scaled up so that model compute is not trivial
@@ -18,9 +18,12 @@ waiting for the others, and the rest (work).
 `--repeat N` runs N rounds of all of that, interleaved (a host whose speed drifts then slows both
 sides alike); each configuration keeps its best round, and titanserve's line adds its ratio to
 each round's fastest transformers. `--smollm2` adds SmolLM2-135M (bf16) decode tok/s at batch 1
-and 8. Both run on `--device` (default: CUDA when there is one). `--eager-too` adds titanserve
-without CUDA graphs; `--process-ab` adds one worker placed where it does not run by default (in
-the engine's process on CUDA, in a process of its own on CPU).
+and 8; `--smollm2-moe` the demo's 30-layer MoE, titanserve's worker counts against 1 worker
+(`--models` may be left empty to time it alone). `--redundant-experts N` adds each worker count
+above 1 with N copies of experts per worker. All run on `--device` (default: CUDA when there
+is one). `--eager-too` adds titanserve without CUDA graphs; `--process-ab` adds one worker
+placed where it does not run by default (in the engine's process on CUDA, in a process of its
+own on CPU).
 """
 
 from __future__ import annotations
@@ -177,7 +180,7 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
 def _row(label: str, result: dict, extra: str = "") -> None:
     rate = result["tokens"] / result["elapsed_s"]
     print(
-        f"  {label:<31}{result['tokens']:>7} tok {result['elapsed_s']:>8.2f} s "
+        f"  {label:<44}{result['tokens']:>7} tok {result['elapsed_s']:>8.2f} s "
         f"{rate:>9.1f} tok/s{extra}",
         flush=True,
     )
@@ -190,6 +193,9 @@ def titanserve_configs(workers: list[int], args: argparse.Namespace) -> list[tup
         return f"titanserve ({w} worker{'s' * (w > 1)}{', ' + note if note else ''})"
 
     configs = [(label(w), w, {}) for w in workers]
+    for r in args.redundant_experts:
+        configs += [(label(w, f"{r} redundant expert{'s' * (r > 1)}"), w,
+                     {"num_redundant_experts": r}) for w in workers if w > 1]
     if args.eager_too and args.device == "cuda":
         configs += [(label(w, "eager"), w, {"enforce_eager": True}) for w in workers]
     if args.process_ab and 1 in workers:
@@ -239,7 +245,7 @@ def bench_tiny(name: str, workers: list[int], args: argparse.Namespace, tmp: Pat
                     for i in range(args.repeat)]
     for label, runs in ts_rounds.items():
         if label in failed:
-            print(f"  {label:<31}{failed[label]}", flush=True)
+            print(f"  {label:<44}{failed[label]}", flush=True)
             continue
         ts = _fastest(runs)
         extra = f"  x{ts['tokens'] / ts['elapsed_s'] / hf_rate:.2f} vs best HF"
@@ -247,16 +253,50 @@ def bench_tiny(name: str, workers: list[int], args: argparse.Namespace, tmp: Pat
             extra += " (rounds " + " / ".join(
                 f"x{h / r['elapsed_s']:.2f}" for h, r in zip(hf_per_round, runs)) + ")"
         extra += f"  agree {agreement(ts['token_ids'], hf['token_ids']):.0%}"
-        if ts["overhead"] is not None:
-            extra += f"  outside compute {ts['overhead']:.0%}"
-        if ts["overhead_big_batch"] is not None:
-            extra += f" (batch >= {args.big_batch}: {ts['overhead_big_batch']:.0%}"
-            parts = ts["parts_big_batch"]
-            if parts["all-to-all work"]:  # workers that exchange experts: what it consists of
-                extra += (f"; all-to-all wait {parts['all-to-all wait']:.0%}, "
-                          f"work {parts['all-to-all work']:.0%}")
-            extra += ")"
-        _row(label, ts, extra)
+        _row(label, ts, extra + _outside_compute(ts, args.big_batch))
+
+
+def _outside_compute(ts: dict, big_batch: int) -> str:
+    """The share of step time outside model compute, and for big-batch steps its parts."""
+    text = f"  outside compute {ts['overhead']:.0%}" if ts["overhead"] is not None else ""
+    if ts["overhead_big_batch"] is not None:
+        text += f" (batch >= {big_batch}: {ts['overhead_big_batch']:.0%}"
+        parts = ts["parts_big_batch"]
+        if parts["all-to-all work"]:  # workers that exchange experts: what it consists of
+            text += (f"; all-to-all wait {parts['all-to-all wait']:.0%}, "
+                     f"work {parts['all-to-all work']:.0%}")
+        text += ")"
+    return text
+
+
+def bench_smollm2_moe(args: argparse.Namespace, tmp: Path) -> None:
+    """The demo's SmolLM2 8-expert MoE (bf16, hidden 576, 30 layers), titanserve only: its
+    expert matmuls bound the step, as in real MoE models, unlike the tiny ones'. Each worker
+    count (and copies of experts, with `--redundant-experts`) against 1 worker, same run.
+    transformers is left out: its bf16 Mixtral takes minutes a batch size on a CPU."""
+    from titanserve.launcher.smollm2_models import make_smollm2_moe
+
+    try:
+        path = make_smollm2_moe(tmp / "smollm2-moe")
+    except (FileNotFoundError, ValueError) as e:
+        print(f"\nsmollm2-moe: skipped ({e})")
+        return
+    requests = make_requests(args.num_requests, 49152, (32, 128), (48, 64), args.seed)
+    print(f"\nsmollm2-moe (bf16, 8 experts top-2, hidden 576, 30 layers, {len(requests)} "
+          f"requests, {sum(len(p) for p, _ in requests)} prompt tokens)", flush=True)
+    configs = titanserve_configs(args.workers, args)
+    rounds: dict[str, list[dict]] = {label: [] for label, _, _ in configs}
+    for round_ in range(args.repeat):
+        if args.repeat > 1:
+            print(f"  round {round_ + 1}/{args.repeat}", flush=True)
+        for label, w, options in configs:
+            rounds[label].append(run_titanserve(path, requests, w, "bfloat16", args.device,
+                                                args.big_batch, **options))
+    base = _fastest(rounds[configs[0][0]])
+    for label, runs in rounds.items():
+        ts = _fastest(runs)
+        ratio = base["elapsed_s"] / ts["elapsed_s"]
+        _row(label, ts, f"  x{ratio:.2f} vs {configs[0][0]}" + _outside_compute(ts, args.big_batch))
 
 
 def bench_smollm2(args: argparse.Namespace, tmp: Path) -> None:
@@ -295,6 +335,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1,
                         help="rounds, interleaved; each configuration keeps its best (noisy hosts)")
     parser.add_argument("--smollm2", action="store_true", help="add SmolLM2-135M bf16 b1/b8")
+    parser.add_argument("--smollm2-moe", action="store_true",
+                        help="add the demo's SmolLM2 MoE (bf16, 30 layers), titanserve only")
+    parser.add_argument("--redundant-experts", nargs="*", type=int, default=[],
+                        help="with several workers, also time each with this many copies of "
+                             "experts per worker (num_redundant_experts)")
     parser.add_argument("--zoo-size", action="store_true",
                         help="the tiny zoo's own sizes (hidden 64, 3 layers), not scaled up")
     parser.add_argument("--eager-too", action="store_true",
@@ -309,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.repeat, args.num_requests, args.big_batch) < 1 or not args.hf_batch_sizes:
         parser.error("--repeat, --num-requests and --big-batch must be >= 1 and "
                      "--hf-batch-sizes non-empty")
+    if any(r < 1 for r in args.redundant_experts):
+        parser.error("--redundant-experts takes counts >= 1")
     # The engine fixes glibc's malloc thresholds when it starts; do it first, so that
     # transformers runs under the same allocator settings.
     tuned = tune_malloc()
@@ -325,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
             bench_tiny(name, args.workers, args, Path(tmp))
         if args.smollm2:
             bench_smollm2(args, Path(tmp))
+        if args.smollm2_moe:
+            bench_smollm2_moe(args, Path(tmp))
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
     return 0
 

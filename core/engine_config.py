@@ -55,6 +55,9 @@ class EngineConfig:
     seed: int = 0
     device: str = "auto"
     comm: str = "zmq"
+    # Experts each worker holds a copy of, besides its own (moe.placement): pairs routed to
+    # an expert with a copy are split between its two holders to even out the workers' rows.
+    num_redundant_experts: int = 0
     sp_threshold: int | None = None
     num_threads: int | None = None  # torch threads per worker on CPU
     # Bind each CPU worker process to its own cores (see core.cpu_cores).
@@ -81,6 +84,12 @@ class EngineConfig:
             raise ConfigError(f"comm must be 'zmq' or 'torch', got {self.comm!r}")
         if self.sp_threshold is not None:
             raise ConfigError("sequence parallel (--sp-threshold) is not available yet")
+        if self.num_redundant_experts < 0:
+            raise ConfigError(
+                f"num_redundant_experts must be >= 0, got {self.num_redundant_experts}"
+            )
+        if self.num_redundant_experts and self.num_workers == 1:
+            raise ConfigError("num_redundant_experts needs num_workers > 1")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ConfigError("num_kv_blocks must be >= 1")
 

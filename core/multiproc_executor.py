@@ -101,6 +101,15 @@ class MultiProcExecutor:
                 f"{model_cfg.num_experts} experts cannot be sharded over {config.num_workers} "
                 "workers; use fewer workers"
             )
+        per_worker = model_cfg.num_experts // config.num_workers
+        if config.num_redundant_experts and not model_cfg.num_experts:
+            raise ConfigError("num_redundant_experts needs a mixture-of-experts model")
+        if config.num_redundant_experts > per_worker:
+            raise ConfigError(
+                f"num_redundant_experts {config.num_redundant_experts} is more than the "
+                f"{per_worker} experts each worker owns ({model_cfg.num_experts} experts over "
+                f"{config.num_workers} workers)"
+            )
         self.world_size = config.num_workers
         self.overlaps = engine_core_is_spare(config)
         self.runs_ahead = True  # workers queue plans: a step may be submitted before collect

@@ -84,7 +84,9 @@ def worker_main(run_dir: str, rank: int, cores: list[int] | None = None) -> None
         else:  # kernels launch on the current device; collectives pick it too
             torch.cuda.set_device(device)
         model_cfg = ModelConfig.from_hf(model_path)
-        placement = ExpertPlacement.contiguous(model_cfg.num_experts, world, rank)
+        placement = ExpertPlacement.contiguous(
+            model_cfg.num_experts, world, rank, config.num_redundant_experts
+        )
         collective = create_collective(
             config.comm, rank, world, **collective_options(config, run_dir, load.comm_port)
         )

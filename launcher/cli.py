@@ -56,6 +56,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    value = _number(int, text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def non_negative_float(text: str) -> float:
     """argparse type: a float >= 0."""
     value = _number(float, text)
@@ -116,6 +124,11 @@ def _engine_flags() -> argparse.ArgumentParser:
         help="with worker processes, plan each step only after the last one's results",
     )
     g.add_argument("--comm", choices=("zmq", "torch"), help="worker transport")
+    g.add_argument(
+        "--num-redundant-experts",
+        type=non_negative_int,
+        help="experts each worker also holds a copy of, to even out the all-to-alls' rows",
+    )
     g.add_argument("--sp-threshold", type=positive_int, help="prompt length for sequence parallel")
     g.add_argument("--num-threads", type=positive_int, help="torch threads per worker (CPU)")
     g.add_argument(

@@ -22,6 +22,7 @@ ENGINE_FIELDS = (
     "enable_prefix_caching",
     "async_scheduling",
     "comm",
+    "num_redundant_experts",
     "sp_threshold",
     "num_threads",
     "bind_cpu_cores",

@@ -1,7 +1,10 @@
 """Expert-parallel exchange: all-to-all dispatch of (token, expert) pairs to the workers that
 own the experts, grouped expert compute there, all-to-all combine back, weighted sum.
 
-Legend: T local tokens, K top-k, H hidden, P = T*K pairs, N pairs received, W workers.
+With redundant experts, `moe.balance` picks which holder computes each pair.
+
+Legend: T local tokens, K top-k, H hidden, P = T*K pairs, N pairs received, W workers,
+E experts.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from collections.abc import Callable
 import torch
 
 from titanserve.ipc.collectives import Collective
+from titanserve.moe.balance import PairDestinations
 from titanserve.moe.placement import ExpertPlacement
 
 # Largest integer each dtype holds exactly (and so the largest expert count packable in it).
@@ -32,7 +36,8 @@ class ExpertParallel:
     ) -> None:
         assert collective.world_size == placement.world_size
         self.collective = collective
-        self.owner = placement.owner_tensor(device)  # (E,) worker of each expert
+        self.num_experts = placement.num_experts
+        self.destinations = PairDestinations(placement, device)
         # Time inside the all-to-alls, and of it waiting for slower workers' messages; summed
         # until reset by the worker.
         self.comm_time_s = self.comm_wait_s = 0.0
@@ -55,7 +60,7 @@ class ExpertParallel:
         T, K = ids.shape
         W = self.collective.world_size
         flat_ids = ids.reshape(-1).long()  # (P,)
-        dest = self.owner.to(x.device)[flat_ids]  # (P,)
+        dest = self.destinations(flat_ids)  # (P,) worker of each pair
         order = torch.argsort(dest, stable=True)  # pairs grouped by destination worker
         send_counts = torch.bincount(dest, minlength=W).tolist()
         token_of_pair = order // K  # (P,)
@@ -63,7 +68,7 @@ class ExpertParallel:
         # One message per peer: rows of [hidden | expert id | router weight]. The weight is
         # already in x.dtype; the id is exact in it while E <= _EXACT_IDS[dtype], else the id
         # and weight ride in a second (fp32) exchange.
-        packed = self.owner.numel() <= _EXACT_IDS.get(x.dtype, 0)
+        packed = self.num_experts <= _EXACT_IDS.get(x.dtype, 0)
         meta = torch.stack(
             [
                 flat_ids[order].to(x.dtype if packed else torch.float32),

@@ -41,12 +41,31 @@ def test_throughput_benchmark_splits_the_all_to_all_share() -> None:
     run = subprocess.run(
         [sys.executable, str(SCRIPT), "--models", "tiny-mixtral", "--workers", "2",
          "--num-requests", "4", "--hf-batch-sizes", "4", "--big-batch", "2", "--zoo-size",
-         "--device", "cpu"],
+         "--device", "cpu", "--redundant-experts", "1"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
-    line = next(row for row in run.stdout.splitlines() if "titanserve (2 workers)" in row)
-    assert re.search(r"\(batch >= 2: \d+%; all-to-all wait \d+%, work \d+%\)", line), line
+    for label in ("titanserve (2 workers)", "titanserve (2 workers, 1 redundant expert)"):
+        line = next(row for row in run.stdout.splitlines() if label + " " in row)
+        assert re.search(r"\(batch >= 2: \d+%; all-to-all wait \d+%, work \d+%\)", line), line
+        assert re.search(r"agree \d+%", line), line
+
+
+@pytest.mark.slow
+def test_throughput_benchmark_times_the_demo_moe_alone() -> None:
+    """`--smollm2-moe` with no tiny model: each worker count against 1 worker, copies too."""
+    run = subprocess.run(
+        [sys.executable, str(SCRIPT), "--models", "--smollm2-moe", "--workers", "1", "2",
+         "--num-requests", "4", "--big-batch", "2", "--redundant-experts", "1", "--device", "cpu"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    rows = [row for row in run.stdout.splitlines() if row.startswith("  titanserve")]
+    assert len(rows) == 3 and "transformers" not in run.stdout, run.stdout
+    assert "x1.00 vs titanserve (1 worker)" in rows[0]
+    assert "(2 workers, 1 redundant expert)" in rows[2]
+    for row in rows[1:]:
+        assert re.search(r"\(batch >= 2: \d+%; all-to-all wait \d+%, work \d+%\)", row), row
 
 
 def _ratios(line: str) -> tuple[float, list[float]]:
@@ -61,4 +80,11 @@ def test_throughput_benchmark_rejects_zero_rounds_or_batch(flag: str) -> None:
     run = subprocess.run([sys.executable, str(SCRIPT), flag, "0"],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "--big-batch must be >= 1" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_throughput_benchmark_rejects_zero_redundant_experts() -> None:
+    run = subprocess.run([sys.executable, str(SCRIPT), "--redundant-experts", "0"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "--redundant-experts takes counts >= 1" in run.stderr
     assert "Traceback" not in run.stderr

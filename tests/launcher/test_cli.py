@@ -112,6 +112,8 @@ def test_bench_reports_throughput(tiny_llama):
         (["generate", "/no/such/model", "--prompt", "hi"], ["'/no/such/model' does not exist"]),
         (["generate", "{model}", "--prompt", "hi", "--max-tokens", "0"], ["--max-tokens"]),
         (["generate", "{model}", "--prompt", "hi", "--top-p", "x"], ["--top-p"]),
+        (["generate", "{model}", "--prompt", "hi", "--num-redundant-experts", "-1"],
+         ["--num-redundant-experts", "must be >= 0"]),
         (["generate", "{model}", "--prompt", "hi", "--bogus"], ["unrecognized", "--bogus"]),
         (["generate", "{model}"], ["--prompt"]),
         (["make-model", "tiny-gpt5", "--out", "x"], ["invalid choice", "tiny-gpt5"]),
@@ -141,11 +143,11 @@ def test_engine_flags_become_llm_keywords_and_only_those_given():
 
     parse = build_parser().parse_args
     flags = ["--no-bind-cpu-cores", "--num-threads", "3", "--no-async-scheduling", "--warmup",
-             "--enforce-eager", "--worker-processes"]
+             "--enforce-eager", "--worker-processes", "--num-redundant-experts", "2"]
     args = parse(["generate", "m", "--prompt", "x", *flags])
     assert engine_kwargs(args) == {
         "bind_cpu_cores": False, "num_threads": 3, "async_scheduling": False, "warmup": True,
-        "enforce_eager": True, "worker_processes": True,
+        "enforce_eager": True, "worker_processes": True, "num_redundant_experts": 2,
     }  # fmt: skip
     assert engine_kwargs(parse(["generate", "m", "--prompt", "x", "--no-warmup",
                                 "--no-worker-processes"])) == {

@@ -62,4 +62,4 @@ def test_every_model_tensor_follows_the_build_device(family, tmp_path):
                                            torch.device("meta"))
     finally:
         collective.close()
-    assert exchange.owner.device.type == "meta"
+    assert exchange.destinations.owner.device.type == "meta"
