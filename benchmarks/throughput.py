@@ -4,6 +4,7 @@
                                     [--num-requests 64] [--hf-batch-sizes 16 32 64] [--smollm2]
                                     [--zoo-size] [--repeat N] [--eager-too] [--process-ab]
                                     [--big-batch 32] [--smollm2-moe] [--redundant-experts N]
+                                    [--expert-rebalance-steps N]
 
 64 seeded random requests (prompts of 32-256 tokens, 64-128 output tokens, EOS ignored, greedy)
 on tiny fp32 checkpoints from `make_tiny`, scaled up so that model compute is not trivial
@@ -20,10 +21,11 @@ sides alike); each configuration keeps its best round, and titanserve's line add
 each round's fastest transformers. `--smollm2` adds SmolLM2-135M (bf16) decode tok/s at batch 1
 and 8; `--smollm2-moe` the demo's 30-layer MoE, titanserve's worker counts against 1 worker
 (`--models` may be left empty to time it alone). `--redundant-experts N` adds each worker count
-above 1 with N copies of experts per worker. All run on `--device` (default: CUDA when there
-is one). `--eager-too` adds titanserve without CUDA graphs; `--process-ab` adds one worker
-placed where it does not run by default (in the engine's process on CUDA, in a process of its
-own on CPU).
+above 1 with N copies of experts per worker, `--expert-rebalance-steps N` each with its experts
+re-placed by their loads every N steps (copies or not). All run on `--device` (default: CUDA
+when there is one). `--eager-too` adds titanserve without CUDA graphs; `--process-ab` adds one
+worker placed where it does not run by default (in the engine's process on CUDA, in a process
+of its own on CPU).
 """
 
 from __future__ import annotations
@@ -193,9 +195,16 @@ def titanserve_configs(workers: list[int], args: argparse.Namespace) -> list[tup
         return f"titanserve ({w} worker{'s' * (w > 1)}{', ' + note if note else ''})"
 
     configs = [(label(w), w, {}) for w in workers]
-    for r in args.redundant_experts:
-        configs += [(label(w, f"{r} redundant expert{'s' * (r > 1)}"), w,
-                     {"num_redundant_experts": r}) for w in workers if w > 1]
+    # with several workers: copies of experts, expert re-placement, and both
+    variants = [({"num_redundant_experts": r}, f"{r} redundant expert{'s' * (r > 1)}")
+                for r in args.redundant_experts]
+    if args.expert_rebalance_steps:
+        steps = args.expert_rebalance_steps
+        variants += [({**options, "expert_rebalance_steps": steps},
+                      f"{note + ', ' if note else ''}rebalanced every {steps}")
+                     for options, note in [({}, ""), *variants]]
+    configs += [(label(w, note), w, options) for options, note in variants
+                for w in workers if w > 1]
     if args.eager_too and args.device == "cuda":
         configs += [(label(w, "eager"), w, {"enforce_eager": True}) for w in workers]
     if args.process_ab and 1 in workers:
@@ -340,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redundant-experts", nargs="*", type=int, default=[],
                         help="with several workers, also time each with this many copies of "
                              "experts per worker (num_redundant_experts)")
+    parser.add_argument("--expert-rebalance-steps", type=int, default=0,
+                        help="with several workers, also time each with experts re-placed by "
+                             "their loads every N steps (expert_rebalance_steps), copies too")
     parser.add_argument("--zoo-size", action="store_true",
                         help="the tiny zoo's own sizes (hidden 64, 3 layers), not scaled up")
     parser.add_argument("--eager-too", action="store_true",
@@ -354,8 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.repeat, args.num_requests, args.big_batch) < 1 or not args.hf_batch_sizes:
         parser.error("--repeat, --num-requests and --big-batch must be >= 1 and "
                      "--hf-batch-sizes non-empty")
-    if any(r < 1 for r in args.redundant_experts):
-        parser.error("--redundant-experts takes counts >= 1")
+    if any(r < 1 for r in args.redundant_experts) or args.expert_rebalance_steps < 0:
+        parser.error("--redundant-experts takes counts >= 1, --expert-rebalance-steps >= 0")
     # The engine fixes glibc's malloc thresholds when it starts; do it first, so that
     # transformers runs under the same allocator settings.
     tuned = tune_malloc()

@@ -107,6 +107,7 @@ class Engine:
             ],
         )
         self.trackers: dict[str, _Tracker] = {}
+        self.layers_rebalanced = 0  # MoE layers whose experts the workers re-placed, in all
         self.reset_stats()
         self._ids = itertools.count()
         self._pending: list[tuple[str, int]] = []  # (request id, token) sampled last step
@@ -304,6 +305,8 @@ class Engine:
         slowest = (0.0, 0.0, 0.0)
         for rank, result, logits in self.executor.collect():  # while the others compute
             compute = result.compute_time_s - result.comm_time_s
+            if rank == 0:  # every worker re-places the same layers
+                self.layers_rebalanced += result.layers_rebalanced
             if compute > slowest[0]:
                 slowest = (compute, result.comm_time_s, result.comm_wait_s)
             sampled = {s.request_id: s.token_id for s in result.seqs if s.token_id is not None}

@@ -58,6 +58,9 @@ class EngineConfig:
     # Experts each worker holds a copy of, besides its own (moe.placement): pairs routed to
     # an expert with a copy are split between its two holders to even out the workers' rows.
     num_redundant_experts: int = 0
+    # Every N steps, re-place each MoE layer's experts (and copies) by the loads the workers
+    # counted since the last time (moe.rebalance); 0: keep the contiguous placement.
+    expert_rebalance_steps: int = 0
     sp_threshold: int | None = None
     num_threads: int | None = None  # torch threads per worker on CPU
     # Bind each CPU worker process to its own cores (see core.cpu_cores).
@@ -88,8 +91,13 @@ class EngineConfig:
             raise ConfigError(
                 f"num_redundant_experts must be >= 0, got {self.num_redundant_experts}"
             )
-        if self.num_redundant_experts and self.num_workers == 1:
-            raise ConfigError("num_redundant_experts needs num_workers > 1")
+        if self.expert_rebalance_steps < 0:
+            raise ConfigError(
+                f"expert_rebalance_steps must be >= 0, got {self.expert_rebalance_steps}"
+            )
+        for name in ("num_redundant_experts", "expert_rebalance_steps"):
+            if getattr(self, name) and self.num_workers == 1:
+                raise ConfigError(f"{name} needs num_workers > 1")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ConfigError("num_kv_blocks must be >= 1")
 

@@ -102,8 +102,9 @@ class MultiProcExecutor:
                 "workers; use fewer workers"
             )
         per_worker = model_cfg.num_experts // config.num_workers
-        if config.num_redundant_experts and not model_cfg.num_experts:
-            raise ConfigError("num_redundant_experts needs a mixture-of-experts model")
+        for name in ("num_redundant_experts", "expert_rebalance_steps"):
+            if getattr(config, name) and not model_cfg.num_experts:
+                raise ConfigError(f"{name} needs a mixture-of-experts model")
         if config.num_redundant_experts > per_worker:
             raise ConfigError(
                 f"num_redundant_experts {config.num_redundant_experts} is more than the "

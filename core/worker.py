@@ -11,6 +11,8 @@ import os
 import signal
 import threading
 import traceback
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import msgspec
@@ -41,6 +43,7 @@ from titanserve.ipc.tensor_frames import encode_tensor
 from titanserve.moe.dispatch import ExpertParallel
 from titanserve.moe.layer import MoELayer
 from titanserve.moe.placement import ExpertPlacement
+from titanserve.moe.rebalance import rebalance_experts
 
 PARENT_CHECK_S = 1.0
 _ENGINE_PID = os.getppid()  # read at import, i.e. when the worker process starts
@@ -103,11 +106,13 @@ def worker_main(run_dir: str, rank: int, cores: list[int] | None = None) -> None
             progress=config.progress and rank == 0,
         )
         experts = 0
-        exchange = ExpertParallel(collective, placement, device)  # shared by every MoE layer
+        exchange = ExpertParallel(collective)  # shared by every MoE layer
         for module in runner.model.modules():
             if isinstance(module, MoELayer):
                 if world > 1:  # alone, a worker holds every expert: nothing to exchange
                     module.exchange = exchange
+                    module.use_placement(placement)
+                    module.count_loads = config.expert_rebalance_steps > 0
                 experts += module.w_gate_up.numel() + module.w_down.numel()
         runner.lockstep = True
         if config.uses_decode_graphs(device):
@@ -124,7 +129,11 @@ def worker_main(run_dir: str, rank: int, cores: list[int] | None = None) -> None
                 )
             )
         )
-        _serve(sock, decoder, runner, rank, encoder, exchange)
+        rebalance = None
+        if config.expert_rebalance_steps and world > 1:
+            rebalance = partial(rebalance_experts, runner.model, collective, Path(model_path))
+        _serve(sock, decoder, runner, rank, encoder, exchange, rebalance,
+               config.expert_rebalance_steps)
     except WorkerLost as e:
         sock.send(
             encoder.encode(WorkerError(rank=rank, message=str(e), fatal=True, lost_rank=e.rank))
@@ -187,8 +196,16 @@ def _next_message(sock: zmq.Socket, decoder, encoder, rank: int):
 
 
 def _serve(
-    sock: zmq.Socket, decoder, runner: ModelRunner, rank: int, encoder, exchange: ExpertParallel
+    sock: zmq.Socket,
+    decoder,
+    runner: ModelRunner,
+    rank: int,
+    encoder,
+    exchange: ExpertParallel,
+    rebalance: Callable[[], int] | None = None,
+    rebalance_steps: int = 0,
 ) -> None:
+    executed = 0  # plans run: the same count on every worker, which all get every plan
     while True:
         msg = _next_message(sock, decoder, encoder, rank)
         if msg is None or isinstance(msg, Shutdown):
@@ -196,8 +213,13 @@ def _serve(
         if not isinstance(msg, StepPlan):
             sock.send(encoder.encode(WorkerError(rank=rank, message="already loaded")))
             continue
+        rebalanced = 0
+        if rebalance is not None and executed and executed % rebalance_steps == 0:
+            rebalanced = rebalance()  # every worker at the same plan: it is a collective
+        executed += 1
         exchange.comm_time_s = exchange.comm_wait_s = 0.0
         result, logits = runner.execute(msg)
+        result.layers_rebalanced = rebalanced
         result.comm_time_s, result.comm_wait_s = exchange.comm_time_s, exchange.comm_wait_s
         if logits is None:
             sock.send(encoder.encode(result))

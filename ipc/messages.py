@@ -205,6 +205,7 @@ class StepResult(Struct):
     compute_time_s: float = 0.0  # the worker's whole execute, collectives included
     comm_time_s: float = 0.0  # of which inside MoE all-to-alls
     comm_wait_s: float = 0.0  # of which waiting there for slower workers' messages
+    layers_rebalanced: int = 0  # MoE layers whose experts were re-placed before this step
 
 
 # ---------------------------------------------------------------- worker lifecycle

@@ -56,6 +56,11 @@ class PackedExperts:
     def __getitem__(self, expert: int) -> torch.Tensor:  # (N, K), packed
         return self.experts[expert]
 
+    def replace(self, expert: int, weight: torch.Tensor) -> None:
+        """Hold `weight` (N, K), dense, packed, as expert `expert` from now on."""
+        assert tuple(weight.shape) == tuple(self.shape[1:]) and weight.dtype == self.dtype
+        self.experts[expert] = pack(weight)
+
 
 def is_packed(*stacks) -> bool:
     """Whether any of these expert stacks is a `PackedExperts` (then only the torch path's

@@ -129,6 +129,11 @@ def _engine_flags() -> argparse.ArgumentParser:
         type=non_negative_int,
         help="experts each worker also holds a copy of, to even out the all-to-alls' rows",
     )
+    g.add_argument(
+        "--expert-rebalance-steps",
+        type=non_negative_int,
+        help="every N steps, re-place experts by the loads seen (0: never, the default)",
+    )
     g.add_argument("--sp-threshold", type=positive_int, help="prompt length for sequence parallel")
     g.add_argument("--num-threads", type=positive_int, help="torch threads per worker (CPU)")
     g.add_argument(

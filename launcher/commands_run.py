@@ -23,6 +23,7 @@ ENGINE_FIELDS = (
     "async_scheduling",
     "comm",
     "num_redundant_experts",
+    "expert_rebalance_steps",
     "sp_threshold",
     "num_threads",
     "bind_cpu_cores",

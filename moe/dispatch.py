@@ -1,7 +1,7 @@
 """Expert-parallel exchange: all-to-all dispatch of (token, expert) pairs to the workers that
 own the experts, grouped expert compute there, all-to-all combine back, weighted sum.
 
-With redundant experts, `moe.balance` picks which holder computes each pair.
+`moe.balance` picks the worker of each pair (an expert's owner, or the holder of its copy).
 
 Legend: T local tokens, K top-k, H hidden, P = T*K pairs, N pairs received, W workers,
 E experts.
@@ -16,7 +16,6 @@ import torch
 
 from titanserve.ipc.collectives import Collective
 from titanserve.moe.balance import PairDestinations
-from titanserve.moe.placement import ExpertPlacement
 
 # Largest integer each dtype holds exactly (and so the largest expert count packable in it).
 _EXACT_IDS = {torch.float32: 2**24, torch.bfloat16: 2**8, torch.float16: 2**11}
@@ -31,13 +30,8 @@ class ExpertParallel:
     because the all-to-alls are collective.
     """
 
-    def __init__(
-        self, collective: Collective, placement: ExpertPlacement, device: torch.device | None = None
-    ) -> None:
-        assert collective.world_size == placement.world_size
+    def __init__(self, collective: Collective) -> None:
         self.collective = collective
-        self.num_experts = placement.num_experts
-        self.destinations = PairDestinations(placement, device)
         # Time inside the all-to-alls, and of it waiting for slower workers' messages; summed
         # until reset by the worker.
         self.comm_time_s = self.comm_wait_s = 0.0
@@ -56,11 +50,12 @@ class ExpertParallel:
         weights: torch.Tensor,  # (T, K) router weights
         ids: torch.Tensor,  # (T, K) global expert ids
         compute: ExpertCompute,
+        destinations: PairDestinations,  # the layer's: which worker computes each pair
     ) -> torch.Tensor:
         T, K = ids.shape
         W = self.collective.world_size
         flat_ids = ids.reshape(-1).long()  # (P,)
-        dest = self.destinations(flat_ids)  # (P,) worker of each pair
+        dest = destinations(flat_ids)  # (P,) worker of each pair
         order = torch.argsort(dest, stable=True)  # pairs grouped by destination worker
         send_counts = torch.bincount(dest, minlength=W).tolist()
         token_of_pair = order // K  # (P,)
@@ -68,7 +63,7 @@ class ExpertParallel:
         # One message per peer: rows of [hidden | expert id | router weight]. The weight is
         # already in x.dtype; the id is exact in it while E <= _EXACT_IDS[dtype], else the id
         # and weight ride in a second (fp32) exchange.
-        packed = self.num_experts <= _EXACT_IDS.get(x.dtype, 0)
+        packed = destinations.owner.numel() <= _EXACT_IDS.get(x.dtype, 0)
         meta = torch.stack(
             [
                 flat_ids[order].to(x.dtype if packed else torch.float32),

@@ -7,6 +7,8 @@ Legend: T tokens, H hidden, E experts (global), El local experts, K top-k, I exp
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -14,8 +16,12 @@ from torch import nn
 from titanserve.core.config import ModelConfig
 from titanserve.core.model.layers import GatedMLP
 from titanserve.kernels import ops
+from titanserve.moe.balance import PairDestinations
 from titanserve.moe.placement import ExpertPlacement
 from titanserve.moe.router import route
+
+if TYPE_CHECKING:
+    from titanserve.moe.dispatch import ExpertParallel
 
 
 class MoELayer(nn.Module):
@@ -44,16 +50,42 @@ class MoELayer(nn.Module):
             else None
         )
         self.register_buffer("expert_map", placement.expert_map(), persistent=False)
-        self.exchange = None  # set by the worker when experts are sharded (ExpertParallel)
+        # Set by the worker when experts are sharded: the exchange (shared by every layer) and
+        # which worker computes each pair (this layer's, since placements may differ by layer).
+        self.exchange: ExpertParallel | None = None
+        self.destinations: PairDestinations | None = None
+        # (E,) pairs this worker's tokens routed to each expert since the last re-placement;
+        # counted only while `count_loads` (see moe.rebalance).
+        self.count_loads = False
+        self.register_buffer(
+            "expert_load", torch.zeros(cfg.num_experts, dtype=torch.int64), persistent=False
+        )
+
+    def use_placement(
+        self, placement: ExpertPlacement, slot_experts: list[int] | None = None
+    ) -> None:
+        """Compute, from now on, the experts `placement` gives this worker, expert
+        `slot_experts[i]` (-1: none) with the weights in slot i (default: its experts in
+        order, as loaded), and send pairs where it says."""
+        self.placement = placement
+        self.slot_experts = list(placement.local_experts if slot_experts is None else slot_experts)
+        expert_map = [-1] * self.cfg.num_experts
+        for slot, e in enumerate(self.slot_experts):
+            if e >= 0:
+                expert_map[e] = slot
+        self.expert_map.copy_(torch.tensor(expert_map, dtype=torch.int32))
+        self.destinations = PairDestinations(placement, self.expert_map.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (T, H) -> (T, H)
         router_logits = ops.linear(x, self.gate)  # (T, E)
         weights, ids = route(self.cfg, router_logits)  # (T, K) fp32, (T, K) int32
         weights = weights.to(x.dtype)
+        if self.count_loads:
+            self.expert_load += torch.bincount(ids.reshape(-1), minlength=self.cfg.num_experts)
         if self.exchange is None:
             out = self.compute_experts(x, weights, ids)
         else:
-            out = self.exchange(x, weights, ids, self.compute_experts)
+            out = self.exchange(x, weights, ids, self.compute_experts, self.destinations)
         if self.shared_expert is not None:
             shared = self.shared_expert(x)  # (T, H)
             if self.shared_expert_gate is not None:

@@ -49,6 +49,53 @@ class ExpertPlacement:
                     replica[e] = w
         return ExpertPlacement(num_experts, world_size, rank, tuple(owner), tuple(replica))
 
+    def worker_loads(self, loads: list[int]) -> list[float]:
+        """The rows each worker computes for these expert loads, a copied expert's split
+        evenly between its two holders (as `moe.balance` splits them)."""
+        rows = [0.0] * self.world_size
+        for e, n in enumerate(loads):
+            if self.replica[e] >= 0:
+                rows[self.owner[e]] += n / 2
+                rows[self.replica[e]] += n / 2
+            else:
+                rows[self.owner[e]] += n
+        return rows
+
+    def slots(self, rank: int | None = None) -> int:
+        """How many experts worker `rank` (default: this one) holds: what its weight stacks
+        are sized for, kept when the experts are re-placed."""
+        rank = self.rank if rank is None else rank
+        return sum(1 for e in range(self.num_experts) if rank in (self.owner[e], self.replica[e]))
+
+    def balanced(self, loads: list[int]) -> ExpertPlacement:
+        """The placement for these measured `loads` (pairs routed to each expert): the most
+        loaded experts get the copies, and each expert (or each copy, at half the load) goes,
+        heaviest first, to the least loaded worker with a free slot that does not hold it yet
+        (least-processing-time packing). Workers keep their slot counts; on ties an expert
+        stays where it is. Deterministic: every worker computes the same placement from the
+        same loads."""
+        E, W = self.num_experts, self.world_size
+        copies = sum(r >= 0 for r in self.replica)
+        hottest = sorted(range(E), key=lambda e: (-loads[e], e))[:copies]
+        items = [(loads[e] / 2, e) for e in hottest for _ in range(2)]
+        items += [(loads[e], e) for e in range(E) if e not in hottest]
+        items.sort(key=lambda item: (-item[0], item[1]))
+        free = [self.slots(w) for w in range(W)]
+        load = [0.0] * W
+        holders: list[list[int]] = [[] for _ in range(E)]
+        for weight, e in items:
+            fits = [w for w in range(W) if free[w] and w not in holders[e]]
+            if not fits:  # only a worker already holding it has room: one holder is enough
+                continue
+            # ties go to a worker that holds the expert now (nothing to load), then the lowest
+            w = min(fits, key=lambda w: (load[w], w not in (self.owner[e], self.replica[e]), w))
+            holders[e].append(w)
+            free[w] -= 1
+            load[w] += weight
+        owner = tuple(h[0] for h in holders)
+        replica = tuple(h[1] if len(h) > 1 else -1 for h in holders)
+        return ExpertPlacement(E, W, self.rank, owner, replica)
+
     @property
     def local_experts(self) -> list[int]:
         """Global ids of this rank's experts (its own and its copies), in local-index order."""

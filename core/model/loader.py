@@ -97,6 +97,28 @@ def load_weights(
     _check_complete(model, params, filled)
 
 
+_LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def load_expert_weights(
+    model: DecoderModel, path: Path, experts: dict[int, list[int]], stacks: dict[str, torch.Tensor]
+) -> None:
+    """Read the given experts of some MoE layers (layer index -> global expert ids) from the
+    checkpoint into `stacks` ("layers.{i}.mlp.w_gate_up" / "...w_down" -> dense (n, N, K)
+    stacks, row j for the layer's j-th id); nothing else is read or touched."""
+    local_of = {layer: {e: i for i, e in enumerate(ids)} for layer, ids in experts.items()}
+    for file in checkpoint_files(path):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                m = _LAYER_INDEX.match(name)
+                if m is None or int(m[1]) not in local_of:
+                    continue
+                for target, part, read in _targets(name, model, local_of[int(m[1])], f):
+                    target = target.removeprefix("model.")
+                    if target in stacks:
+                        _copy(stacks[target], part, read(), name, model)
+
+
 def _targets(
     name: str, model: DecoderModel, local_of: dict[int, int], f
 ) -> Iterator[tuple[str, object, Callable]]:

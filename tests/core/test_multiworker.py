@@ -48,7 +48,7 @@ def hf_reference(path: str, token_lists: list[list[int]], max_tokens: int):
 
 
 def check_against_hf(path: str, num_workers: int, comm: str, bind: bool = True,
-                     **options) -> None:
+                     **options) -> LLM:
     token_lists = prompts()
     ref_logits, ref_tokens = hf_reference(path, token_lists, max_tokens=12)
     with LLM(path, num_workers=num_workers, comm=comm, progress=False,
@@ -59,6 +59,7 @@ def check_against_hf(path: str, num_workers: int, comm: str, bind: bool = True,
         check_cpu_cores(llm, num_workers, bind)
         for ours, ref in zip(llm.prompt_logits(token_lists), ref_logits):
             assert (ours - ref).abs().max().item() <= 1e-4
+    return llm
 
 
 def check_cpu_cores(llm: LLM, num_workers: int, bind: bool) -> None:
@@ -88,9 +89,11 @@ def test_two_workers_match_transformers(family, tmp_path_factory):
     check_against_hf(tiny(family, tmp_path_factory), 2, "zmq")
 
 
-def test_two_workers_with_packed_weights_match_transformers(tmp_path):
+@pytest.mark.parametrize("rebalance", [0, 2])
+def test_two_workers_with_packed_weights_match_transformers(rebalance, tmp_path):
     """A Mixtral big enough that the workers pack its attention and experts for oneDNN
-    (the tiny zoo's weights all stay dense), with row buckets warmed up in each worker."""
+    (the tiny zoo's weights all stay dense), with row buckets warmed up in each worker; and
+    with its experts re-placed every 2 steps (reloaded, packed again)."""
     from titanserve.kernels import cpu_experts, cpu_linear
 
     if not cpu_linear.can_pack(torch.zeros(2, 2)):
@@ -99,7 +102,9 @@ def test_two_workers_with_packed_weights_match_transformers(tmp_path):
                          num_key_value_heads=4, intermediate_size=384, num_hidden_layers=2))
     assert (8 + 2 * 4) * 32 * 256 >= cpu_linear.MIN_PACKED_ELEMENTS  # qkv rows x hidden
     assert 3 * 384 * 256 >= cpu_experts.MIN_PACKED_EXPERT_ELEMENTS  # one expert's matrices
-    check_against_hf(path, 2, "zmq", max_num_seqs=8)  # fewer row buckets to warm up
+    llm = check_against_hf(path, 2, "zmq", max_num_seqs=8,  # fewer row buckets to warm up
+                           expert_rebalance_steps=rebalance)
+    assert (llm.engine.layers_rebalanced > 0) == bool(rebalance)
 
 
 def test_one_worker_process_matches_transformers(tmp_path_factory):
@@ -143,6 +148,15 @@ def test_redundant_experts_match_transformers(family, num_workers, redundant, tm
                      num_redundant_experts=redundant)
 
 
+@pytest.mark.parametrize(("family", "redundant"), [("mixtral", 0), ("qwen3-moe", 1)])
+def test_rebalanced_experts_match_transformers(family, redundant, tmp_path_factory):
+    """Experts re-placed (and their weights reloaded) every 2 steps, while requests run:
+    the results stay those of transformers."""
+    llm = check_against_hf(tiny(family, tmp_path_factory), 2, "zmq", expert_rebalance_steps=2,
+                           num_redundant_experts=redundant)
+    assert llm.engine.layers_rebalanced > 0  # some layers did move
+
+
 def test_redundant_experts_are_loaded_and_bounded(tmp_path_factory):
     from titanserve.core.errors import ConfigError
 
@@ -164,6 +178,13 @@ def test_redundant_experts_are_loaded_and_bounded(tmp_path_factory):
         LLM(path, num_redundant_experts=1, progress=False)
     with pytest.raises(ConfigError, match="must be >= 0"):
         LLM(path, num_workers=2, num_redundant_experts=-1, progress=False)
+    with pytest.raises(ConfigError, match="expert_rebalance_steps must be >= 0"):
+        LLM(path, num_workers=2, expert_rebalance_steps=-1, progress=False)
+    with pytest.raises(ConfigError, match="expert_rebalance_steps needs num_workers > 1"):
+        LLM(path, expert_rebalance_steps=5, progress=False)
+    with pytest.raises(ConfigError, match="expert_rebalance_steps needs a mixture-of-experts"):
+        LLM(tiny("llama", tmp_path_factory), num_workers=2, expert_rebalance_steps=5,
+            progress=False)
 
 
 def test_sampled_and_seeded_outputs_do_not_depend_on_worker_count(tmp_path_factory):

@@ -41,11 +41,13 @@ def test_throughput_benchmark_splits_the_all_to_all_share() -> None:
     run = subprocess.run(
         [sys.executable, str(SCRIPT), "--models", "tiny-mixtral", "--workers", "2",
          "--num-requests", "4", "--hf-batch-sizes", "4", "--big-batch", "2", "--zoo-size",
-         "--device", "cpu", "--redundant-experts", "1"],
+         "--device", "cpu", "--redundant-experts", "1", "--expert-rebalance-steps", "2"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
-    for label in ("titanserve (2 workers)", "titanserve (2 workers, 1 redundant expert)"):
+    variants = ["", ", 1 redundant expert", ", rebalanced every 2",
+                ", 1 redundant expert, rebalanced every 2"]
+    for label in [f"titanserve (2 workers{variant})" for variant in variants]:
         line = next(row for row in run.stdout.splitlines() if label + " " in row)
         assert re.search(r"\(batch >= 2: \d+%; all-to-all wait \d+%, work \d+%\)", line), line
         assert re.search(r"agree \d+%", line), line
@@ -83,8 +85,10 @@ def test_throughput_benchmark_rejects_zero_rounds_or_batch(flag: str) -> None:
     assert "Traceback" not in run.stderr
 
 
-def test_throughput_benchmark_rejects_zero_redundant_experts() -> None:
-    run = subprocess.run([sys.executable, str(SCRIPT), "--redundant-experts", "0"],
+@pytest.mark.parametrize("flags", [["--redundant-experts", "0"],
+                                   ["--expert-rebalance-steps", "-1"]])
+def test_throughput_benchmark_rejects_bad_expert_options(flags: list[str]) -> None:
+    run = subprocess.run([sys.executable, str(SCRIPT), *flags],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "--redundant-experts takes counts >= 1" in run.stderr
     assert "Traceback" not in run.stderr

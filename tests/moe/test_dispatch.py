@@ -8,6 +8,7 @@ import torch
 from titanserve.ipc.collectives import create_collective
 from titanserve.kernels import ops
 from titanserve.moe import dispatch
+from titanserve.moe.balance import PairDestinations
 from titanserve.moe.placement import ExpertPlacement
 
 
@@ -31,7 +32,9 @@ def test_exchange_equals_local_grouped_compute(dtype, packed, monkeypatch):
 
     collective = create_collective("zmq", 0, 1)
     try:
-        out = dispatch.ExpertParallel(collective, placement)(x, weights, ids, compute)
+        out = dispatch.ExpertParallel(collective)(
+            x, weights, ids, compute, PairDestinations(placement)
+        )
     finally:
         collective.close()
     # per pair, then summed in fp32: the same arithmetic as the exchange
@@ -56,10 +59,5 @@ def test_every_model_tensor_follows_the_build_device(family, tmp_path):
            if t.device.type != "meta"]
     assert not off
     assert placement.expert_map().device.type == "cpu"  # outside the context: the default
-    collective = create_collective("zmq", 0, 1)
-    try:
-        exchange = dispatch.ExpertParallel(collective, ExpertPlacement.contiguous(8),
-                                           torch.device("meta"))
-    finally:
-        collective.close()
-    assert exchange.destinations.owner.device.type == "meta"
+    destinations = PairDestinations(ExpertPlacement.contiguous(8), torch.device("meta"))
+    assert destinations.owner.device.type == "meta"

@@ -44,3 +44,27 @@ def test_each_worker_holds_copies_of_its_next_neighbours_first_experts():
 def test_impossible_placements_say_why(experts, world, redundant, message):
     with pytest.raises(ValueError, match=message):
         ExpertPlacement.contiguous(experts, world, 0, redundant=redundant)
+
+
+def test_balanced_placement_packs_hot_experts_apart():
+    start = ExpertPlacement.contiguous(8, 2, 0)
+    loads = [627, 3805, 4471, 557, 8, 70, 7, 33]  # a real layer: worker 0 had 99% of the rows
+    assert start.worker_loads(loads) == [9460, 118]
+    new = start.balanced(loads)
+    rows = new.worker_loads(loads)
+    assert rows == [4471 + 70 + 33 + 8, 3805 + 627 + 557 + 7]  # 52% for the busier
+    assert [new.slots(w) for w in range(2)] == [4, 4]
+    assert sorted(new.owner) == [0] * 4 + [1] * 4 and new.replica == (-1,) * 8
+    assert ExpertPlacement.contiguous(8, 2, 1).balanced(loads).owner == new.owner  # same map
+    assert new.balanced(loads) == new  # stable: nothing moves a second time
+
+
+def test_balanced_placement_copies_the_hottest_experts():
+    start = ExpertPlacement.contiguous(8, 2, 0, redundant=1)
+    loads = [100, 100, 100, 100, 100, 100, 100, 2000]
+    new = start.balanced(loads)
+    assert new.replica[7] >= 0 and {new.owner[7], new.replica[7]} == {0, 1}
+    assert sum(r >= 0 for r in new.replica) == 2  # as many copies as before
+    assert [new.slots(w) for w in range(2)] == [5, 5]
+    rows = new.worker_loads(loads)
+    assert max(rows) - min(rows) <= 100, rows
