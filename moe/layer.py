@@ -50,11 +50,12 @@ class MoELayer(nn.Module):
             else None
         )
         self.register_buffer("expert_map", placement.expert_map(), persistent=False)
+        self.slot_experts = placement.local_experts  # the expert each weight slot holds
         # Set by the worker when experts are sharded: the exchange (shared by every layer) and
         # which worker computes each pair (this layer's, since placements may differ by layer).
         self.exchange: ExpertParallel | None = None
         self.destinations: PairDestinations | None = None
-        # (E,) pairs this worker's tokens routed to each expert since the last re-placement;
+        # (E,) pairs this worker's tokens routed to each expert, halved at each re-placement;
         # counted only while `count_loads` (see moe.rebalance).
         self.count_loads = False
         self.register_buffer(

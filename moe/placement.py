@@ -9,9 +9,10 @@ import torch
 
 @dataclass(frozen=True)
 class ExpertPlacement:
-    """Expert e of every MoE layer lives on worker `owner[e]`, and a copy of it on worker
+    """Expert e of a MoE layer lives on worker `owner[e]`, and a copy of it on worker
     `replica[e]` (-1: none). A token's pair for an expert with a copy may be computed by
-    either worker; `ExpertParallel` picks, step by step, to even out the workers' rows.
+    either worker; `moe.balance` picks, step by step, to even out the workers' rows. Every
+    layer starts with the same placement; `moe.rebalance` re-places each by its loads.
 
     Contiguous by default: worker w owns experts [w*E/W, (w+1)*E/W) (the first E % W
     workers take one more when E does not divide evenly). With `redundant` r, worker w also
