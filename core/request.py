@@ -63,6 +63,12 @@ class Request:
         return max(0, self.sampling.max_tokens - self.num_output_tokens)
 
     @property
+    def tokens_left(self) -> int:
+        """Forward passes of one token it may still need: known tokens not yet computed (a
+        prompt not yet prefilled) plus the outputs max_tokens still allows."""
+        return self.num_tokens - self.num_computed_tokens + self.max_outputs_left
+
+    @property
     def is_finished(self) -> bool:
         return self.status == RequestStatus.FINISHED
 

@@ -133,13 +133,13 @@ class Scheduler:
     def _admit(self, budgets: list[int], scheduled: list[ScheduledSeq]) -> None:
         """Place waiting requests, in order, while they fit (see `_place`)."""
         num_running = [0] * self.config.num_workers
-        decodes_left = [0] * self.config.num_workers  # per worker: outputs it may still make
+        tokens_left = [0] * self.config.num_workers  # per worker: tokens it may still compute
         for request in self.running:
             num_running[request.worker] += 1
-            decodes_left[request.worker] += request.max_outputs_left
+            tokens_left[request.worker] += request.tokens_left
         while self.waiting:
             request = self.waiting[0]
-            placed = self._place(request, budgets, num_running, decodes_left)
+            placed = self._place(request, budgets, num_running, tokens_left)
             if placed is None:
                 break
             w, cached, num_new = placed
@@ -152,7 +152,7 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             num_running[w] += 1
-            decodes_left[w] += request.max_outputs_left
+            tokens_left[w] += request.tokens_left
             budgets[w] -= num_new
             start = request.num_computed_tokens
             scheduled.append(
@@ -178,14 +178,15 @@ class Scheduler:
         return True
 
     def _place(
-        self, request: Request, budgets: list[int], num_running: list[int], decodes_left: list[int]
+        self, request: Request, budgets: list[int], num_running: list[int], tokens_left: list[int]
     ) -> tuple[int, list[int], int] | None:
         """Pick the worker holding the longest cached prefix, else the least loaded one.
 
-        Load is decode-length aware: the outputs its requests may still make (max_tokens less
-        those made; EOS may end them sooner), then the number of requests. Balancing what is
-        left, not just how many, keeps workers' batches even as requests end, which matters
-        most where workers meet at every MoE all-to-all.
+        Load is decode-length aware: the tokens its requests may still compute (prompt tokens
+        not yet prefilled, and the outputs max_tokens still allows; EOS may end them sooner),
+        then the number of requests. Balancing what is left, not just how many, keeps
+        workers' steps even, prefills and batches as requests end, which matters most where
+        workers meet at every MoE all-to-all.
         """
         options = []
         for w, block_manager in enumerate(self.block_managers):
@@ -195,7 +196,7 @@ class Scheduler:
             wants_all = request.sampling.return_prompt_logits
             cached = [] if wants_all else block_manager.find_cached_prefix(request)
             options.append(
-                (-len(cached), decodes_left[w], num_running[w], block_manager.usage, w, cached)
+                (-len(cached), tokens_left[w], num_running[w], block_manager.usage, w, cached)
             )
         for *_, w, cached in sorted(options, key=lambda o: o[:5]):
             num_cached = len(cached) * self.block_managers[w].block_size

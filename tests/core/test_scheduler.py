@@ -276,6 +276,18 @@ def test_placement_balances_the_outputs_left_not_the_request_count():
     assert scheduler.requests["next"].worker == 1  # 8 + 49 left on 1 < 98 on 0
 
 
+def test_placement_counts_the_prompt_tokens_still_to_prefill():
+    """A worker given a long prompt has more to compute than one with a few more outputs
+    left: the next requests go to the other (the two prefills would stall the step)."""
+    scheduler = make_scheduler(block_size=4, max_num_batched_tokens=256, num_workers=2)
+    scheduler.add(make_request("long", [5] * 40, max_tokens=2))
+    scheduler.add(make_request("short1", [6] * 4, max_tokens=8))
+    scheduler.add(make_request("short2", [7] * 4, max_tokens=8))  # 42 left on 0, 12 on 1
+    run_step(scheduler)
+    workers = {rid: r.worker for rid, r in scheduler.requests.items()}
+    assert workers == {"long": 0, "short1": 1, "short2": 1}
+
+
 def test_placement_skips_a_worker_at_max_num_seqs_even_with_a_cached_prefix():
     scheduler = make_scheduler(
         block_size=4, max_num_batched_tokens=64, max_num_seqs=1, num_workers=2
