@@ -148,12 +148,15 @@ def test_redundant_experts_match_transformers(family, num_workers, redundant, tm
                      num_redundant_experts=redundant)
 
 
-@pytest.mark.parametrize(("family", "redundant"), [("mixtral", 0), ("qwen3-moe", 1)])
-def test_rebalanced_experts_match_transformers(family, redundant, tmp_path_factory):
+@pytest.mark.parametrize(
+    ("family", "redundant", "comm"),
+    [("mixtral", 0, "zmq"), ("qwen3-moe", 1, "zmq"), ("qwen2-moe", 1, "torch")],
+)
+def test_rebalanced_experts_match_transformers(family, redundant, comm, tmp_path_factory):
     """Experts re-placed (and their weights reloaded) every 2 steps, while requests run:
-    the results stay those of transformers."""
-    llm = check_against_hf(tiny(family, tmp_path_factory), 2, "zmq", expert_rebalance_steps=2,
-                           num_redundant_experts=redundant)
+    the results stay those of transformers, over either collective backend."""
+    llm = check_against_hf(tiny(family, tmp_path_factory), 2, comm, bind=comm == "zmq",
+                           expert_rebalance_steps=2, num_redundant_experts=redundant)
     assert llm.engine.layers_rebalanced > 0  # some layers did move
 
 
