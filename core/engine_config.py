@@ -87,15 +87,9 @@ class EngineConfig:
             raise ConfigError(f"comm must be 'zmq' or 'torch', got {self.comm!r}")
         if self.sp_threshold is not None:
             raise ConfigError("sequence parallel (--sp-threshold) is not available yet")
-        if self.num_redundant_experts < 0:
-            raise ConfigError(
-                f"num_redundant_experts must be >= 0, got {self.num_redundant_experts}"
-            )
-        if self.expert_rebalance_steps < 0:
-            raise ConfigError(
-                f"expert_rebalance_steps must be >= 0, got {self.expert_rebalance_steps}"
-            )
         for name in ("num_redundant_experts", "expert_rebalance_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
             if getattr(self, name) and self.num_workers == 1:
                 raise ConfigError(f"{name} needs num_workers > 1")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:

@@ -17,7 +17,7 @@ from titanserve.core.config import ModelConfig
 from titanserve.core.model.layers import GatedMLP
 from titanserve.kernels import ops
 from titanserve.moe.balance import PairDestinations
-from titanserve.moe.placement import ExpertPlacement
+from titanserve.moe.placement import ExpertPlacement, slot_map
 from titanserve.moe.router import route
 
 if TYPE_CHECKING:
@@ -70,11 +70,7 @@ class MoELayer(nn.Module):
         order, as loaded), and send pairs where it says."""
         self.placement = placement
         self.slot_experts = list(placement.local_experts if slot_experts is None else slot_experts)
-        expert_map = [-1] * self.cfg.num_experts
-        for slot, e in enumerate(self.slot_experts):
-            if e >= 0:
-                expert_map[e] = slot
-        self.expert_map.copy_(torch.tensor(expert_map, dtype=torch.int32))
+        self.expert_map.copy_(slot_map(self.slot_experts, self.cfg.num_experts))
         self.destinations = PairDestinations(placement, self.expert_map.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (T, H) -> (T, H)

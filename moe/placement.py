@@ -107,10 +107,7 @@ class ExpertPlacement:
 
         With no device, on torch's current default one (a model built inside `with
         torch.device("cuda")` gets its map there)."""
-        m = [-1] * self.num_experts
-        for i, e in enumerate(self.local_experts):
-            m[e] = i
-        return torch.tensor(m, dtype=torch.int32, device=device)
+        return slot_map(self.local_experts, self.num_experts, device)
 
     def owner_tensor(self, device: torch.device | str | None = None) -> torch.Tensor:
         return torch.tensor(self.owner, dtype=torch.int64, device=device)
@@ -122,3 +119,15 @@ class ExpertPlacement:
             dtype=torch.int64,
             device=device,
         )
+
+
+def slot_map(
+    slot_experts: list[int], num_experts: int, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """(E,) int32: global expert id -> the weight slot holding it (`slot_experts[i]` is the
+    expert in slot i, -1 for none), or -1 where no slot does."""
+    m = [-1] * num_experts
+    for slot, e in enumerate(slot_experts):
+        if e >= 0:
+            m[e] = slot
+    return torch.tensor(m, dtype=torch.int32, device=device)

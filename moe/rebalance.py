@@ -31,7 +31,7 @@ MIN_GAIN = 0.10
 
 def moe_layers(model: DecoderModel) -> dict[int, MoELayer]:
     """Layer index -> MoE layer (dense layers left out)."""
-    return {i: layer.mlp for i, layer in enumerate(model.layers) if isinstance(layer.mlp, MoELayer)}
+    return {i: model.layers[i].mlp for i in model.cfg.moe_layers}
 
 
 def rebalance_experts(model: DecoderModel, collective: Collective, model_path: Path) -> int:
