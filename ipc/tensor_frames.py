@@ -8,6 +8,7 @@ raw bytes, so dtypes numpy lacks (bfloat16, float8) need nothing special. No pic
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -97,19 +98,45 @@ def decode_header(data: Any) -> TensorHeader:
 def checked_dtype(header: TensorHeader, nbytes: int) -> torch.dtype:
     """The dtype of the tensor `header` describes, checked against its data's size `nbytes`;
     raises ValueError for an unknown dtype, a bad shape, or a size that does not match."""
+    expected = checked_size(header)
+    if nbytes != expected:
+        raise ValueError(
+            f"tensor frame holds {nbytes} bytes but header {header.dtype}{list(header.shape)} "
+            f"needs {expected}"
+        )
+    return _DECODE[header.dtype][0]
+
+
+def checked_size(header: TensorHeader) -> int:
+    """The data bytes the tensor `header` describes; raises ValueError for an unknown dtype or
+    a bad shape."""
     entry = _DECODE.get(header.dtype)
     if entry is None:
         raise ValueError(f"unknown tensor dtype {header.dtype!r} in frame header")
     shape = header.shape
     if len(shape) > MAX_NDIM or any(dim < 0 for dim in shape):
         raise ValueError(f"invalid tensor shape {shape} in frame header")
-    expected = math.prod(shape) * entry[1].itemsize
-    if nbytes != expected:
-        raise ValueError(
-            f"tensor frame holds {nbytes} bytes but header {header.dtype}{list(shape)} "
-            f"needs {expected}"
-        )
-    return entry[0]
+    return math.prod(shape) * entry[1].itemsize
+
+
+@functools.lru_cache(maxsize=1024)
+def header_bytes(dtype: torch.dtype, shape: tuple[int, ...]) -> bytes:
+    """`encode_header` of a tensor of `dtype` and `shape`, memoized: a collective's messages
+    repeat a few shapes, and a lookup costs far less than building and encoding a header
+    when a step's compute has just evicted the code that does it (cold caches)."""
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        raise ValueError(f"tensor dtype {dtype} cannot travel as a frame")
+    return encode_header(TensorHeader(name, shape))
+
+
+@functools.lru_cache(maxsize=1024)
+def parsed_header(data: bytes) -> tuple[torch.dtype, tuple[int, ...], int]:
+    """(dtype, shape, data bytes it needs) of header bytes, checked once per distinct header
+    and memoized (see `header_bytes`); raises ValueError on garbage."""
+    header = decode_header(data)
+    nbytes = checked_size(header)
+    return _DECODE[header.dtype][0], header.shape, nbytes
 
 
 def tensor_from_buffer(header: TensorHeader, data: Any) -> torch.Tensor:

@@ -62,7 +62,7 @@ class ShmSlots:
     ) -> None:
         self.rank, self.world_size, self.slot_bytes = rank, world_size, slot_bytes
         self._prefix = prefix
-        self._stride = _HEADER_BYTES + slot_bytes  # one slot
+        self._stride = _HEADER_BYTES + _aligned(slot_bytes)  # one slot
         self._per_dst = _HEADER_BYTES + _SLOTS * self._stride  # ack line + slots
         size = world_size * self._per_dst
         path = region_path(prefix, rank)
@@ -71,8 +71,10 @@ class ShmSlots:
         self._regions: dict[int, mmap.mmap] = {rank: self._mine}
         # (seq of the message in each slot to dst, -1: never used), kept by the sender
         self._written = {dst: [-1] * _SLOTS for dst in range(world_size)}
-        self._views: dict[tuple[int, int, int], np.ndarray] = {}
         self._bytes: dict[int, memoryview] = {rank: memoryview(self._mine)}
+        # each region as u64 words (tags, sizes, acks): a memoryview item costs less than a
+        # numpy scalar, which matters when a step's compute has just evicted the code for it
+        self._words: dict[int, memoryview] = {rank: self._bytes[rank].cast("Q")}
         # base address of each region, for copies by memmove (one C call, no array objects)
         self._anchors = {rank: ctypes.c_char.from_buffer(self._mine)}
         self._address = {rank: ctypes.addressof(self._anchors[rank])}
@@ -83,6 +85,7 @@ class ShmSlots:
             if src not in self._regions:
                 self._regions[src] = map_shared_file(region_path(self._prefix, src), 0, False)
                 self._bytes[src] = memoryview(self._regions[src])
+                self._words[src] = self._bytes[src].cast("Q")
                 self._anchors[src] = ctypes.c_char.from_buffer(self._regions[src])
                 self._address[src] = ctypes.addressof(self._anchors[src])
 
@@ -96,17 +99,9 @@ class ShmSlots:
             self._path = None
 
     # ------------------------------------------------------------------ layout
-    def _words(self, owner: int, offset: int, count: int) -> np.ndarray:
-        """uint64 words of `owner`'s region, viewed once and kept (a view costs a few µs)."""
-        key = (owner, offset, count)
-        words = self._views.get(key)
-        if words is None:
-            words = np.ndarray((count,), np.uint64, buffer=self._regions[owner], offset=offset)
-            self._views[key] = words
-        return words
-
-    def _ack_word(self, sender: int, dst: int) -> np.ndarray:
-        return self._words(sender, dst * self._per_dst, 1)
+    def _ack_index(self, dst: int) -> int:
+        """The word, in a sender's region, where dst acks the messages it released."""
+        return dst * self._per_dst // 8
 
     def _slot_offset(self, dst: int, seq: int) -> int:
         return dst * self._per_dst + _HEADER_BYTES + (seq % _SLOTS) * self._stride
@@ -131,7 +126,7 @@ class ShmSlots:
         k = seq % _SLOTS
         previous = self._written[dst][k]
         if previous >= 0:  # dst must have released the message this slot holds
-            _wait_at_least(self._ack_word(self.rank, dst), previous + 1, deadline)
+            _wait_at_least(self._words[self.rank], self._ack_index(dst), previous + 1, deadline)
         start = self._slot_offset(dst, seq) + _HEADER_BYTES
         self._mine[start : start + len(prefix)] = prefix
         if tensor:
@@ -140,11 +135,12 @@ class ShmSlots:
                                data_size)  # fmt: skip
         else:
             self._mine[start + data_start : start + data_start + data_size] = data
-        header = self._words(self.rank, start - _HEADER_BYTES, 3)  # tag, prefix and data sizes
-        header[1] = OVERFLOW if message is None else len(prefix)
-        header[2] = data_size
+        # the header: tag, then prefix size and data size
+        words, tag = self._words[self.rank], (start - _HEADER_BYTES) // 8
+        words[tag + 1] = OVERFLOW if message is None else len(prefix)
+        words[tag + 2] = data_size
         _fence()
-        header[0] = seq + 1
+        words[tag] = seq + 1
         self._written[dst][k] = seq
         return True
 
@@ -153,10 +149,10 @@ class ShmSlots:
         address, valid until `release(src, seq)`; None when it travels through ZeroMQ (release
         it too). Raises TimeoutError when it has not come by `deadline`."""
         offset = self._slot_offset(self.rank, seq)
-        header = self._words(src, offset, 3)
-        _wait_at_least(header, seq + 1, deadline)
+        words, tag = self._words[src], offset // 8
+        _wait_at_least(words, tag, seq + 1, deadline)
         _fence()
-        prefix_size, data_size = int(header[1]), int(header[2])
+        prefix_size, data_size = words[tag + 1], words[tag + 2]
         if prefix_size == OVERFLOW:
             return None
         data_start = _aligned(prefix_size)
@@ -169,17 +165,17 @@ class ShmSlots:
 
     def release(self, src: int, seq: int) -> None:
         """Hand op `seq`'s slot back to src (after `get`; its views must no longer be read)."""
-        self._ack_word(src, self.rank)[0] = seq + 1
+        self._words[src][self._ack_index(self.rank)] = seq + 1
 
     def close(self) -> None:
         self.unlink()
-        self._views.clear()
         self._anchors.clear()
         self._address.clear()
-        for view in self._bytes.values():
+        for view in (*self._words.values(), *self._bytes.values()):
             _unless_in_use(view.release)
         for region in self._regions.values():
             _unless_in_use(region.close)
+        self._words.clear()
         self._bytes.clear()
         self._regions.clear()
 
@@ -204,12 +200,12 @@ def _flat_bytes(part) -> memoryview:
     return memoryview(part).cast("B")
 
 
-def _wait_at_least(word: np.ndarray, value: int, deadline: float) -> None:
-    """Poll `word[0]` until it is >= value: yielding the CPU at first, then sleeping."""
-    if word[0] >= value:
+def _wait_at_least(words: memoryview, index: int, value: int, deadline: float) -> None:
+    """Poll `words[index]` until it is >= value: yielding the CPU at first, then sleeping."""
+    if words[index] >= value:
         return
     spin_until = time.monotonic() + SPIN_S
-    while word[0] < value:
+    while words[index] < value:
         now = time.monotonic()
         if now < spin_until:
             os.sched_yield()

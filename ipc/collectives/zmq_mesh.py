@@ -28,12 +28,11 @@ from titanserve.ipc.collectives.shm_lane import ShmLane, arena_prefix, default_s
 from titanserve.ipc.collectives.shm_slots import ShmSlots
 from titanserve.ipc.errors import WorkerLost
 from titanserve.ipc.tensor_frames import (
-    checked_dtype,
     decode_header,
-    encode_header,
+    header_bytes,
+    parsed_header,
     tensor_buffer,
     tensor_from_buffer,
-    tensor_header,
 )
 
 _HEAD = struct.Struct("<QHBH")  # op sequence number, source rank, op code, tensor header bytes
@@ -63,7 +62,7 @@ def _wire(tensor: torch.Tensor) -> tuple[bytes, torch.Tensor]:
     The data stays a tensor: a slot copies it by address, ZeroMQ takes a numpy view of it."""
     if not (tensor.is_cpu and tensor.is_contiguous()):
         tensor = tensor.detach().cpu().contiguous()
-    return encode_header(tensor_header(tensor)), tensor
+    return header_bytes(tensor.dtype, tuple(tensor.shape)), tensor
 
 
 def _to_device_of(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -348,6 +347,11 @@ class ZmqMeshCollective(Collective):
         head = frames[0].buffer
         _, _, op, header_len = _HEAD.unpack_from(head)
         end = _HEAD.size + header_len
+        if len(frames) == 2 and isinstance(frames[1], _SlotFrame) and not op & _IN_SHM:
+            dtype, shape, nbytes = parsed_header(bytes(head[_HEAD.size : end]))
+            if len(head) != end or len(frames[1].buffer) != nbytes:
+                raise ValueError(f"malformed mesh message from rank {src}")
+            return dtype, shape, frames[1].address, None
         header = decode_header(head[_HEAD.size : end])
         if len(frames) == 1:
             tensor = tensor_from_buffer(header, head[end:])
@@ -357,9 +361,6 @@ class ZmqMeshCollective(Collective):
             if self._shm is None:
                 raise ValueError(f"rank {src} sent a shared-memory reference over tcp://")
             tensor = tensor_from_buffer(header, self._shm.read(src, frames[1].buffer))
-        elif isinstance(frames[1], _SlotFrame):
-            dtype = checked_dtype(header, len(frames[1].buffer))
-            return dtype, header.shape, frames[1].address, None
         else:
             tensor = tensor_from_buffer(header, frames[1].buffer)
         return tensor.dtype, header.shape, tensor.data_ptr(), tensor
