@@ -50,6 +50,7 @@ from titanserve.ipc.messages import (
 )
 from titanserve.ipc.sockets import recv_ready
 from titanserve.ipc.tensor_frames import decode_tensor
+from titanserve.moe.placement import ExpertPlacement
 
 if TYPE_CHECKING:  # the in-process executor's module imports the model code
     from titanserve.core.executor import WorkerOutput
@@ -96,21 +97,15 @@ class MultiProcExecutor:
         num_blocks: int,
         max_model_len: int,
     ) -> None:
-        if model_cfg.num_experts and model_cfg.num_experts < config.num_workers:
-            raise ConfigError(
-                f"{model_cfg.num_experts} experts cannot be sharded over {config.num_workers} "
-                "workers; use fewer workers"
-            )
-        per_worker = model_cfg.num_experts // config.num_workers
         for name in ("num_redundant_experts", "expert_rebalance_steps"):
             if getattr(config, name) and not model_cfg.num_experts:
                 raise ConfigError(f"{name} needs a mixture-of-experts model")
-        if config.num_redundant_experts > per_worker:
-            raise ConfigError(
-                f"num_redundant_experts {config.num_redundant_experts} is more than the "
-                f"{per_worker} experts each worker owns ({model_cfg.num_experts} experts over "
-                f"{config.num_workers} workers)"
+        try:  # the placement the workers will build checks the expert counts
+            ExpertPlacement.contiguous(
+                model_cfg.num_experts, config.num_workers, 0, config.num_redundant_experts
             )
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         self.world_size = config.num_workers
         self.overlaps = engine_core_is_spare(config)
         self.runs_ahead = True  # workers queue plans: a step may be submitted before collect

@@ -39,10 +39,13 @@ class ExpertPlacement:
             owner += [w] * (base + (1 if w < extra else 0))
         replica = [-1] * num_experts
         if redundant and num_experts:
-            if world_size == 1 or redundant > base:
+            if world_size == 1:
+                raise ValueError("redundant experts need more than one worker; use 0")
+            if redundant > base:
                 raise ValueError(
-                    f"{redundant} redundant experts per worker: with {num_experts} experts "
-                    f"over {world_size} worker(s), use at most {base if world_size > 1 else 0}"
+                    f"{redundant} redundant experts per worker is more than the {base} experts "
+                    f"each worker owns ({num_experts} experts over {world_size} workers); "
+                    f"use at most {base}"
                 )
             for w in range(world_size):
                 nxt = (w + 1) % world_size

@@ -44,6 +44,8 @@ def test_redundant_experts_are_loaded_and_bounded(tmp_path_factory):
         ] * 2
     with pytest.raises(ConfigError, match="more than the 4 experts each worker owns"):
         LLM(path, num_workers=2, num_redundant_experts=5, progress=False)
+    with pytest.raises(ConfigError, match="8 experts cannot be sharded over 9 workers"):
+        LLM(path, num_workers=9, progress=False)
     with pytest.raises(ConfigError, match="needs a mixture-of-experts model"):
         LLM(tiny("llama", tmp_path_factory), num_workers=2, num_redundant_experts=1,
             progress=False)

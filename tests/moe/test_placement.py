@@ -38,7 +38,7 @@ def test_each_worker_holds_copies_of_its_next_neighbours_first_experts():
         (2, 4, 0, "cannot be sharded over 4 workers"),
         (8, 2, 5, "use at most 4"),
         (8, 3, 3, "use at most 2"),  # worker 2 owns only 2 experts to copy
-        (8, 1, 1, "use at most 0"),
+        (8, 1, 1, "need more than one worker"),
     ],
 )
 def test_impossible_placements_say_why(experts, world, redundant, message):
