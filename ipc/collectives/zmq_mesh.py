@@ -414,7 +414,7 @@ class ZmqMeshCollective(Collective):
                 _check_part(src, dtype, shape, self.rank, mine)
                 parts.append((shape[0], address, owner))
             counts = [rows for rows, _, _ in parts]
-            out = torch.empty((sum(counts), *mine.shape[1:]), dtype=mine.dtype)
+            out = mine.new_empty((sum(counts), *mine.shape[1:]))
             row_bytes = math.prod(mine.shape[1:]) * mine.element_size()
             at = out.data_ptr()
             for rows, address, _ in parts:
