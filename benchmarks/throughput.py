@@ -214,6 +214,32 @@ def titanserve_configs(workers: list[int], args: argparse.Namespace) -> list[tup
     return configs
 
 
+def run_rounds(
+    path: Path, requests: list[Request], configs: list[tuple[str, int, dict]], dtype: str,
+    args: argparse.Namespace, baseline_round=None,
+) -> tuple[dict[str, list[dict]], dict[str, str]]:
+    """`--repeat` rounds of every titanserve configuration, each round after
+    `baseline_round()` (if given), so that all sides sample the same stretch of a host whose
+    speed drifts. A configuration that fails is not run again and does not stop the others.
+    Returns (label -> its results by round, label -> its failure)."""
+    rounds: dict[str, list[dict]] = {label: [] for label, _, _ in configs}
+    failed: dict[str, str] = {}
+    for round_ in range(args.repeat):
+        if args.repeat > 1:
+            print(f"  round {round_ + 1}/{args.repeat}", flush=True)
+        if baseline_round is not None:
+            baseline_round()
+        for label, w, options in configs:
+            if label in failed:
+                continue
+            try:
+                rounds[label].append(run_titanserve(path, requests, w, dtype, args.device,
+                                                    args.big_batch, **options))
+            except Exception as e:  # one broken configuration must not hide the others' numbers
+                failed[label] = f"FAILED: {type(e).__name__}: {e}"
+    return rounds, failed
+
+
 def bench_tiny(name: str, workers: list[int], args: argparse.Namespace, tmp: Path) -> None:
     """One tiny model: `--repeat` rounds, each running transformers at every batch size and then
     titanserve at every worker count, so that both sides sample the same stretch of a host whose
@@ -228,22 +254,13 @@ def bench_tiny(name: str, workers: list[int], args: argparse.Namespace, tmp: Pat
           f"layers, {len(requests)} requests, {n_in} prompt tokens)", flush=True)
     configs = titanserve_configs(workers, args)
     hf_rounds: dict[int, list[dict]] = {b: [] for b in args.hf_batch_sizes}
-    ts_rounds: dict[str, list[dict]] = {label: [] for label, _, _ in configs}
-    failed: dict[str, str] = {}
-    for round_ in range(args.repeat):
-        if args.repeat > 1:
-            print(f"  round {round_ + 1}/{args.repeat}", flush=True)
+
+    def transformers_round() -> None:
         for batch_size in args.hf_batch_sizes:
             hf_rounds[batch_size].append(run_hf(path, requests, batch_size, "float32",
                                                 args.device))
-        for label, w, options in configs:
-            if label in failed:
-                continue
-            try:
-                ts_rounds[label].append(run_titanserve(path, requests, w, "float32",
-                                                       args.device, args.big_batch, **options))
-            except Exception as e:  # one broken configuration must not hide the others' numbers
-                failed[label] = f"FAILED: {type(e).__name__}: {e}"
+
+    ts_rounds, failed = run_rounds(path, requests, configs, "float32", args, transformers_round)
     best = {b: _fastest(runs) for b, runs in hf_rounds.items()}
     for batch_size, run in best.items():
         _row(f"transformers (batch {batch_size})", run)
@@ -294,18 +311,16 @@ def bench_smollm2_moe(args: argparse.Namespace, tmp: Path) -> None:
     print(f"\nsmollm2-moe (bf16, 8 experts top-2, hidden 576, 30 layers, {len(requests)} "
           f"requests, {sum(len(p) for p, _ in requests)} prompt tokens)", flush=True)
     configs = titanserve_configs(args.workers, args)
-    rounds: dict[str, list[dict]] = {label: [] for label, _, _ in configs}
-    for round_ in range(args.repeat):
-        if args.repeat > 1:
-            print(f"  round {round_ + 1}/{args.repeat}", flush=True)
-        for label, w, options in configs:
-            rounds[label].append(run_titanserve(path, requests, w, "bfloat16", args.device,
-                                                args.big_batch, **options))
-    base = _fastest(rounds[configs[0][0]])
+    rounds, failed = run_rounds(path, requests, configs, "bfloat16", args)
+    base_label = configs[0][0]
+    base = None if base_label in failed else _fastest(rounds[base_label])
     for label, runs in rounds.items():
+        if label in failed:
+            print(f"  {label:<44}{failed[label]}", flush=True)
+            continue
         ts = _fastest(runs)
-        ratio = base["elapsed_s"] / ts["elapsed_s"]
-        _row(label, ts, f"  x{ratio:.2f} vs {configs[0][0]}" + _outside_compute(ts, args.big_batch))
+        ratio = f"  x{base['elapsed_s'] / ts['elapsed_s']:.2f} vs {base_label}" if base else ""
+        _row(label, ts, ratio + _outside_compute(ts, args.big_batch))
 
 
 def bench_smollm2(args: argparse.Namespace, tmp: Path) -> None:

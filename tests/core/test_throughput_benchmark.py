@@ -92,3 +92,30 @@ def test_throughput_benchmark_rejects_bad_expert_options(flags: list[str]) -> No
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "--redundant-experts takes counts >= 1" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_a_failing_configuration_does_not_stop_the_others(tmp_path) -> None:
+    """`run_rounds`: the configuration that fails is reported once and not run again; the
+    others run every round, each after the baseline's round."""
+    import argparse
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import throughput
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    from titanserve.launcher.tiny_models import make_tiny
+
+    path = make_tiny("llama", tmp_path / "llama")
+    args = argparse.Namespace(repeat=2, device="cpu", big_batch=1)
+    configs = [("copies on a dense model", 2, {"num_redundant_experts": 1}),
+               ("one worker", 1, {})]
+    baseline_rounds = []
+    rounds, failed = throughput.run_rounds(
+        path, [([5, 6, 7], 3)], configs, "float32", args, lambda: baseline_rounds.append(1)
+    )
+    assert baseline_rounds == [1, 1]
+    assert list(failed) == ["copies on a dense model"]
+    assert "FAILED: ConfigError" in failed["copies on a dense model"]
+    assert rounds["copies on a dense model"] == []
+    assert [r["tokens"] for r in rounds["one worker"]] == [3, 3]
