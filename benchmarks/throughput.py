@@ -20,9 +20,12 @@ waiting for the others, and the rest (work).
 sides alike); each configuration keeps its best round, and titanserve's line adds its ratio to
 each round's fastest transformers. `--smollm2` adds SmolLM2-135M (bf16) decode tok/s at batch 1
 and 8; `--smollm2-moe` the demo's 30-layer MoE, titanserve's worker counts against 1 worker
-(`--models` may be left empty to time it alone). `--redundant-experts N` adds each worker count
-above 1 with N copies of experts per worker, `--expert-rebalance-steps N` each with its experts
-re-placed by their loads every N steps (copies or not). All run on `--device` (default: CUDA
+(`--models` may be left empty to time it alone), and each round the host floor for as many
+workers (`benchmarks/lockstep_floor.py`: what host noise alone costs processes that meet as
+often, the part of the share outside compute that comes from the host, not the engine).
+`--redundant-experts N` adds each worker count above 1 with N copies of experts per worker,
+`--expert-rebalance-steps N` each with its experts re-placed by their loads every N steps
+(copies or not). All run on `--device` (default: CUDA
 when there is one). `--eager-too` adds titanserve without CUDA graphs; `--process-ab` adds one
 worker placed where it does not run by default (in the engine's process on CUDA, in a process
 of its own on CPU).
@@ -38,8 +41,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import lockstep_floor
 import torch
 
+from titanserve.core.config import ModelConfig
 from titanserve.core.cpu_malloc import tune_malloc
 from titanserve.core.engine import outside_compute
 from titanserve.core.engine_config import EngineConfig
@@ -55,6 +60,9 @@ MODELS = {
 }
 Request = tuple[list[int], int]  # (prompt token ids, output tokens)
 BIG_BATCH = 32  # the overhead goal is stated for steps with at least this many requests
+# `--smollm2-moe` runs benchmarks/lockstep_floor.py each round: compute segments as long as the
+# model's between two all-to-alls (~250 ms a step / 60 on the development machine)
+FLOOR_SEGMENT_MS, FLOOR_STEPS = 4.0, 40
 
 
 def make_requests(
@@ -311,7 +319,20 @@ def bench_smollm2_moe(args: argparse.Namespace, tmp: Path) -> None:
     print(f"\nsmollm2-moe (bf16, 8 experts top-2, hidden 576, 30 layers, {len(requests)} "
           f"requests, {sum(len(p) for p, _ in requests)} prompt tokens)", flush=True)
     configs = titanserve_configs(args.workers, args)
-    rounds, failed = run_rounds(path, requests, configs, "bfloat16", args)
+    floors: list[dict] = []  # what the host alone costs workers that meet as often, by round
+    floor_args = argparse.Namespace(
+        meetings=2 * len(ModelConfig.from_hf(path).moe_layers),  # an all-to-all each way
+        segment_ms=FLOOR_SEGMENT_MS, steps=FLOOR_STEPS,
+    )
+    world = max(args.workers)
+    rounds, failed = run_rounds(
+        path, requests, configs, "bfloat16", args,
+        (lambda: floors.append(lockstep_floor.run_round(world, floor_args))) if world > 1 else None,
+    )  # fmt: skip
+    if floors:
+        shares = " / ".join(f"{f['outside']:.0%} (waiting {f['wait']:.0%})" for f in floors)
+        print(f"  host floor, {world} processes meeting {floor_args.meetings} times a step "
+              f"(benchmarks/lockstep_floor.py): outside compute {shares}", flush=True)
     base_label = configs[0][0]
     base = None if base_label in failed else _fastest(rounds[base_label])
     for label, runs in rounds.items():

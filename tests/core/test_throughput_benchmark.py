@@ -68,6 +68,9 @@ def test_throughput_benchmark_times_the_demo_moe_alone() -> None:
     assert "(2 workers, 1 redundant expert)" in rows[2]
     for row in rows[1:]:
         assert re.search(r"\(batch >= 2: \d+%; all-to-all wait \d+%, work \d+%\)", row), row
+    # the host floor of 2 processes meeting at both all-to-alls of the 30 layers, one round
+    assert re.search(r"host floor, 2 processes meeting 60 times a step .*: outside compute "
+                     r"\d+% \(waiting \d+%\)$", run.stdout, re.M), run.stdout
 
 
 def _ratios(line: str) -> tuple[float, list[float]]:
