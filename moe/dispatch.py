@@ -36,10 +36,19 @@ class ExpertParallel:
         # until reset by the worker.
         self.comm_time_s = self.comm_wait_s = 0.0
 
-    def _all_to_all(self, parts: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
-        """(what every worker sent here, concatenated in rank order; rows from each)."""
+    def _all_to_all(
+        self, parts: list[torch.Tensor], meanwhile: Callable[[], None] | None = None
+    ) -> tuple[torch.Tensor, list[int]]:
+        """(what every worker sent here, concatenated in rank order; rows from each).
+        `meanwhile()` runs once this worker's parts are sent, before it waits for the others'
+        (its time is compute, not communication)."""
         t0, waited = time.perf_counter(), self.collective.peer_wait_s
-        out = self.collective.all_to_all_cat(parts)
+        pending = self.collective.all_to_all_cat_start(parts)
+        if meanwhile is not None:
+            t1 = time.perf_counter()
+            meanwhile()
+            t0 += time.perf_counter() - t1
+        out = pending.wait()
         self.comm_time_s += time.perf_counter() - t0
         self.comm_wait_s += self.collective.peer_wait_s - waited
         return out
@@ -51,7 +60,11 @@ class ExpertParallel:
         ids: torch.Tensor,  # (T, K) global expert ids
         compute: ExpertCompute,
         destinations: PairDestinations,  # the layer's: which worker computes each pair
+        shared: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        """The experts' weighted sum for each token, plus `shared(x)` (a shared expert): that
+        one is computed while the dispatch is in flight, so that a worker that is early at the
+        exchange computes instead of waiting for the others."""
         T, K = ids.shape
         W = self.collective.world_size
         flat_ids = ids.reshape(-1).long()  # (P,)
@@ -72,13 +85,20 @@ class ExpertParallel:
             dim=1,
         )  # (P, 2)
         rows = x.index_select(0, token_of_pair)  # (P, H)
+        shared_out = None
+
+        def shared_expert() -> None:
+            nonlocal shared_out
+            shared_out = shared(x)  # (T, H)
+
+        meanwhile = shared_expert if shared is not None else None
         if packed:
             received, recv_counts = self._all_to_all(
-                list(torch.cat([rows, meta], dim=1).split(send_counts))
+                list(torch.cat([rows, meta], dim=1).split(send_counts)), meanwhile
             )  # (N, H + 2)
             rx, rmeta = received[:, :H], received[:, H:]
         else:
-            rx, recv_counts = self._all_to_all(list(rows.split(send_counts)))  # (N, H)
+            rx, recv_counts = self._all_to_all(list(rows.split(send_counts)), meanwhile)  # (N, H)
             rmeta, _ = self._all_to_all(list(meta.split(send_counts)))  # (N, 2)
         expert_out = compute(
             rx.contiguous(), rmeta[:, 1:2].to(x.dtype), rmeta[:, 0:1].long()
@@ -87,4 +107,5 @@ class ExpertParallel:
         # the top-k sum runs in fp32, as in the single-worker grouped compute
         out = torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device)  # (T, H)
         out.index_add_(0, token_of_pair, back.float())
-        return out.to(x.dtype)
+        out = out.to(x.dtype)
+        return out if shared_out is None else out + shared_out

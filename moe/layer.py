@@ -79,16 +79,18 @@ class MoELayer(nn.Module):
         weights = weights.to(x.dtype)
         if self.count_loads:
             self.expert_load += torch.bincount(ids.reshape(-1), minlength=self.cfg.num_experts)
-        if self.exchange is None:
-            out = self.compute_experts(x, weights, ids)
-        else:
-            out = self.exchange(x, weights, ids, self.compute_experts, self.destinations)
-        if self.shared_expert is not None:
-            shared = self.shared_expert(x)  # (T, H)
-            if self.shared_expert_gate is not None:
-                shared = torch.sigmoid(F.linear(x, self.shared_expert_gate)) * shared
-            out = out + shared
-        return out
+        shared = self.shared_output if self.shared_expert is not None else None
+        if self.exchange is not None:  # the shared expert runs while the dispatch is in flight
+            return self.exchange(x, weights, ids, self.compute_experts, self.destinations, shared)
+        out = self.compute_experts(x, weights, ids)
+        return out if shared is None else out + shared(x)
+
+    def shared_output(self, x: torch.Tensor) -> torch.Tensor:  # (T, H) -> (T, H)
+        """The shared expert's output, gated where the model gates it."""
+        shared = self.shared_expert(x)
+        if self.shared_expert_gate is not None:
+            shared = torch.sigmoid(F.linear(x, self.shared_expert_gate)) * shared
+        return shared
 
     def compute_experts(
         self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor

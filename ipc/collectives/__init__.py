@@ -25,7 +25,21 @@ from titanserve.ipc.errors import WorkerLost
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-__all__ = ["BACKENDS", "Collective", "WorkerLost", "create_collective"]
+__all__ = ["BACKENDS", "Collective", "PendingAllToAll", "WorkerLost", "create_collective"]
+
+
+class PendingAllToAll:
+    """An `all_to_all_cat` started by `Collective.all_to_all_cat_start`: `wait()` returns its
+    result, (what every rank sent here concatenated in rank order, rows from each)."""
+
+    def __init__(self, result=None, finish=None) -> None:
+        self._result, self._finish = result, finish  # the result, or what receives it
+
+    def wait(self) -> tuple[torch.Tensor, list[int]]:
+        if self._finish is not None:
+            finish, self._finish = self._finish, None
+            self._result = finish()
+        return self._result
 
 
 class Collective(ABC):
@@ -51,6 +65,12 @@ class Collective(ABC):
         the number of rows from each rank: what MoE dispatch and combine want."""
         recv = self.all_to_all_v(send)
         return torch.cat(recv), [t.shape[0] for t in recv]
+
+    def all_to_all_cat_start(self, send: list[torch.Tensor]) -> PendingAllToAll:
+        """`all_to_all_cat` in two halves: this sends, `.wait()` on the result receives. In
+        between the caller may compute (what MoE layers overlap with the exchange) but may
+        call no other collective. Backends that cannot split an op run it whole here."""
+        return PendingAllToAll(result=self.all_to_all_cat(send))
 
     @abstractmethod
     def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:

@@ -15,59 +15,36 @@ until that op runs, a message for an op already finished is a protocol bug (asse
 from __future__ import annotations
 
 import ctypes
-import math
 import struct
 import time
 
 import torch
 import zmq
 
-from titanserve.ipc.collectives import Collective
+from titanserve.ipc.collectives import Collective, PendingAllToAll
 from titanserve.ipc.collectives import mesh_sockets as ms
+from titanserve.ipc.collectives.mesh_frames import (
+    HEAD,
+    IN_SHM,
+    Frames,
+    SlotFrame,
+    check_part,
+    concatenated,
+    decode,
+    to_device_of,
+    wire,
+)
 from titanserve.ipc.collectives.shm_lane import ShmLane, arena_prefix, default_shm_dir
 from titanserve.ipc.collectives.shm_slots import ShmSlots
 from titanserve.ipc.errors import WorkerLost
-from titanserve.ipc.tensor_frames import (
-    decode_header,
-    header_bytes,
-    parsed_header,
-    tensor_buffer,
-    tensor_from_buffer,
-)
+from titanserve.ipc.tensor_frames import tensor_buffer
 
-_HEAD = struct.Struct("<QHBH")  # op sequence number, source rank, op code, tensor header bytes
 _HELLO, _ALL_TO_ALL, _ALL_GATHER, _RING, _BARRIER, _ACK = range(6)
 _OP_NAMES = ("hello", "all_to_all_v", "all_gather", "ring_send_recv", "barrier", "ack")
-_IN_SHM = 0x80  # op code flag: the data frame is a reference into the sender's arena
 _INLINE_MAX_BYTES = 128 << 10  # up to this, one frame (a copy) beats shared memory + ack
 _ZMQ_COPY_BELOW_BYTES = 256 << 10  # below this a copy beats zero-copy's release bookkeeping
 _EMPTY = torch.empty(0, dtype=torch.uint8)
 _HELLO_BODY = struct.Struct("<IB")  # world size, whether the sender made its slot region
-
-Frames = list  # of zmq.Frame, or [prefix, data] _SlotFrames for a message in a slot
-
-
-class _SlotFrame:
-    """A view into a shared-memory slot, seen as a frame; valid until the op releases it."""
-
-    more = False
-
-    def __init__(self, data: memoryview, address: int = 0) -> None:
-        self.buffer = data
-        self.address = address  # of the data, for copying it out with one memmove
-
-
-def _wire(tensor: torch.Tensor) -> tuple[bytes, torch.Tensor]:
-    """(tensor header bytes, the tensor as a contiguous CPU tensor): what a message carries.
-    The data stays a tensor: a slot copies it by address, ZeroMQ takes a numpy view of it."""
-    if not (tensor.is_cpu and tensor.is_contiguous()):
-        tensor = tensor.detach().cpu().contiguous()
-    return header_bytes(tensor.dtype, tuple(tensor.shape)), tensor
-
-
-def _to_device_of(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return tensor if like.is_cpu else tensor.to(like.device)  # no torch call in the CPU case
-
 
 class ZmqMeshCollective(Collective):
     """Collectives over a ZeroMQ mesh (the default backend).
@@ -108,6 +85,7 @@ class ZmqMeshCollective(Collective):
         self._slots: ShmSlots | None = None
         self._borrowed: list[tuple[int, int]] = []  # (src, seq) of slots read, not yet released
         self._broken = False  # after WorkerLost, close() drops unsent messages at once
+        self._pending = False  # an all_to_all_cat_start not yet waited for
         self._socket_dir = socket_dir if addresses is None else None
         self._endpoints: list[str] = []
         if world_size == 1:
@@ -154,7 +132,7 @@ class ZmqMeshCollective(Collective):
         seq, self._seq = self._seq, self._seq + 1
         every_rank_has_slots = self._slots is not None
         body = _HELLO_BODY.pack(self.world_size, every_rank_has_slots)
-        hello = _HEAD.pack(seq, self.rank, _HELLO, 0) + body
+        hello = HEAD.pack(seq, self.rank, _HELLO, 0) + body
         for outbox in self._outboxes.values():
             outbox.send(hello)
         deadline = time.monotonic() + connect_timeout_s
@@ -176,7 +154,7 @@ class ZmqMeshCollective(Collective):
                 if msg_seq != seq:  # a fast peer's first op
                     self._keep(msg_seq, src, frames)
                     continue
-                world_size, has_slots = _HELLO_BODY.unpack_from(frames[0].buffer, _HEAD.size)
+                world_size, has_slots = _HELLO_BODY.unpack_from(frames[0].buffer, HEAD.size)
                 if world_size != self.world_size:
                     raise ValueError(f"rank {src} runs with another world_size")
                 every_rank_has_slots = every_rank_has_slots and bool(has_slots)
@@ -196,9 +174,9 @@ class ZmqMeshCollective(Collective):
             while frames[-1].more:
                 frames.append(self._inbox.recv(copy=False))
             head = frames[0].buffer
-            if len(head) < _HEAD.size:
+            if len(head) < HEAD.size:
                 raise ValueError(f"malformed mesh message ({len(head)} byte head)")
-            msg_seq, src, msg_op, _ = _HEAD.unpack_from(head)
+            msg_seq, src, msg_op, _ = HEAD.unpack_from(head)
             if msg_op != _ACK:
                 return msg_seq, src, msg_op, frames
             if self._shm is None:
@@ -212,9 +190,9 @@ class ZmqMeshCollective(Collective):
         self._stash[(msg_seq, src)] = frames
 
     def _check_op(self, seq: int, op: int, src: int, msg_op: int) -> None:
-        assert msg_op & ~_IN_SHM == op, (
+        assert msg_op & ~IN_SHM == op, (
             f"collective #{seq}: rank {self.rank} runs {_OP_NAMES[op]} but rank {src} runs "
-            f"{_OP_NAMES[msg_op & ~_IN_SHM]}; all ranks must call the same collectives in the "
+            f"{_OP_NAMES[msg_op & ~IN_SHM]}; all ranks must call the same collectives in the "
             "same order"
         )
 
@@ -224,9 +202,9 @@ class ZmqMeshCollective(Collective):
         if self._shm is not None and self._slots is None:
             ref = self._shm.write(dst, data)
             if ref is not None:  # else every arena for dst is still held: send the bytes
-                head = _HEAD.pack(seq, self.rank, op | _IN_SHM, len(header)) + header
+                head = HEAD.pack(seq, self.rank, op | IN_SHM, len(header)) + header
                 return self._outboxes[dst].send_multipart((head, ref))
-        head = _HEAD.pack(seq, self.rank, op, len(header)) + header
+        head = HEAD.pack(seq, self.rank, op, len(header)) + header
         frame = tensor_buffer(data)
         return self._outboxes[dst].send_multipart((head, frame), copy=False, track=True)
 
@@ -237,6 +215,17 @@ class ZmqMeshCollective(Collective):
         from each source.
         Messages that came through slots are views into them: call `_release_slots` once
         they are copied out."""
+        return self._receive(op, sources, *self._send(op, sends))
+
+    def _send(
+        self, op: int, sends: list[tuple[int, bytes, torch.Tensor]]
+    ) -> tuple[int, float, list]:
+        """`_exchange`'s first half: queue the messages of a new op; returns (its sequence
+        number, its deadline, trackers of zero-copy sends still reading their tensors)."""
+        if self._pending:
+            raise RuntimeError(
+                "an all_to_all_cat_start is still pending on this mesh: call its wait() first"
+            )
         # Only acks need draining (an early message waits for its op's receive), and asking
         # ZeroMQ costs ~50 µs in a model step (cold caches): ask only when an ack is due.
         acks_due = self._slots is not None and self._shm.num_busy > 0
@@ -246,11 +235,11 @@ class ZmqMeshCollective(Collective):
         deadline = time.monotonic() + self.timeout_s
         if self._shm is not None:
             for src, arena_id in self._shm.take_acks():
-                self._outboxes[src].send(_HEAD.pack(arena_id, self.rank, _ACK, 0))
+                self._outboxes[src].send(HEAD.pack(arena_id, self.rank, _ACK, 0))
         trackers = []
         try:
             for dst, header, data in sends:
-                head = _HEAD.pack(seq, self.rank, op, len(header))
+                head = HEAD.pack(seq, self.rank, op, len(header))
                 if self._slots is not None and self._put_in_slot(dst, seq, op, head, header, data,
                                                                  deadline):  # fmt: skip
                     continue
@@ -262,6 +251,12 @@ class ZmqMeshCollective(Collective):
                     trackers.append((dst, tracker))
         except (zmq.Again, TimeoutError):  # dst kept its slot, or its queue stayed full
             raise self._lost(seq, op, {dst}, "could not queue") from None
+        return seq, deadline, trackers
+
+    def _receive(
+        self, op: int, sources: list[int], seq: int, deadline: float, trackers: list
+    ) -> dict[int, Frames]:
+        """`_exchange`'s second half: op `seq`'s message from every source."""
         received: dict[int, Frames] = {}
         waited_from = time.perf_counter()
         by_zmq = sources
@@ -277,12 +272,12 @@ class ZmqMeshCollective(Collective):
                     by_zmq.append(src)
                     continue
                 prefix, payload, address = data
-                self._check_op(seq, op, src, _HEAD.unpack_from(prefix)[2])
-                received[src] = [_SlotFrame(prefix), _SlotFrame(payload, address)]
+                self._check_op(seq, op, src, HEAD.unpack_from(prefix)[2])
+                received[src] = [SlotFrame(prefix), SlotFrame(payload, address)]
         for src in by_zmq:
             frames = self._stash.pop((seq, src), None)
             if frames is not None:
-                self._check_op(seq, op, src, _HEAD.unpack_from(frames[0].buffer)[2])
+                self._check_op(seq, op, src, HEAD.unpack_from(frames[0].buffer)[2])
                 received[src] = frames
         while len(received) < len(sources):
             try:
@@ -312,7 +307,7 @@ class ZmqMeshCollective(Collective):
             return True
         ref = self._shm.write(dst, data)
         if ref is not None:  # else every arena for dst is still held
-            shm_head = _HEAD.pack(seq, self.rank, op | _IN_SHM, len(header))
+            shm_head = HEAD.pack(seq, self.rank, op | IN_SHM, len(header))
             if self._slots.put(dst, seq, (shm_head + header, ref), deadline):
                 return True
         self._slots.put(dst, seq, None, deadline)
@@ -340,35 +335,10 @@ class ZmqMeshCollective(Collective):
             self._slots.release(src, seq)
         self._borrowed.clear()
 
-    def _received(self, src: int, frames: Frames) -> tuple[torch.dtype, tuple, int, object]:
-        """A received tensor as (dtype, shape, address of its bytes, owner): owner is a tensor
-        viewing a frame or the sender's shared memory, or None for bytes in a slot (valid
-        until the slots are released)."""
-        head = frames[0].buffer
-        _, _, op, header_len = _HEAD.unpack_from(head)
-        end = _HEAD.size + header_len
-        if len(frames) == 2 and isinstance(frames[1], _SlotFrame) and not op & _IN_SHM:
-            dtype, shape, nbytes = parsed_header(bytes(head[_HEAD.size : end]))
-            if len(head) != end or len(frames[1].buffer) != nbytes:
-                raise ValueError(f"malformed mesh message from rank {src}")
-            return dtype, shape, frames[1].address, None
-        header = decode_header(head[_HEAD.size : end])
-        if len(frames) == 1:
-            tensor = tensor_from_buffer(header, head[end:])
-        elif len(frames) != 2 or len(head) != end:
-            raise ValueError(f"malformed mesh message from rank {src}")
-        elif op & _IN_SHM:
-            if self._shm is None:
-                raise ValueError(f"rank {src} sent a shared-memory reference over tcp://")
-            tensor = tensor_from_buffer(header, self._shm.read(src, frames[1].buffer))
-        else:
-            tensor = tensor_from_buffer(header, frames[1].buffer)
-        return tensor.dtype, header.shape, tensor.data_ptr(), tensor
-
     def _tensor(self, src: int, frames: Frames) -> torch.Tensor:
         """Decode a received tensor: a view of the frame or of the sender's shared memory, or
         a copy of a slot's bytes."""
-        dtype, shape, address, owner = self._received(src, frames)
+        dtype, shape, address, owner = decode(src, frames, self._shm)
         if owner is not None:
             return owner
         tensor = torch.empty(shape, dtype=dtype)
@@ -381,7 +351,7 @@ class ZmqMeshCollective(Collective):
         if len(send) != self.world_size:
             raise ValueError(f"all_to_all_v needs {self.world_size} tensors, got {len(send)}")
         peers = self._peers()
-        return self._exchange(_ALL_TO_ALL, [(dst, *_wire(send[dst])) for dst in peers], peers)
+        return self._exchange(_ALL_TO_ALL, [(dst, *wire(send[dst])) for dst in peers], peers)
 
     def all_to_all_v(self, send: list[torch.Tensor]) -> list[torch.Tensor]:
         """See `Collective.all_to_all_v`."""
@@ -390,8 +360,8 @@ class ZmqMeshCollective(Collective):
         try:
             for src, frames in self._send_all_to_all(send).items():
                 tensor = self._tensor(src, frames)
-                _check_part(src, tensor.dtype, tensor.shape, self.rank, mine)
-                out[src] = _to_device_of(tensor, mine)
+                check_part(src, tensor.dtype, tensor.shape, self.rank, mine)
+                out[src] = to_device_of(tensor, mine)
         finally:
             self._release_slots()
         return out
@@ -399,41 +369,50 @@ class ZmqMeshCollective(Collective):
     def all_to_all_cat(self, send: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
         """See `Collective.all_to_all_cat`: each received message is copied once, into the
         result (one memmove per part, straight out of a slot where it came by one)."""
+        return self.all_to_all_cat_start(send).wait()
+
+    def all_to_all_cat_start(self, send: list[torch.Tensor]) -> PendingAllToAll:
+        """See `Collective.all_to_all_cat_start`: the messages are queued (in the peers' slots
+        on one host) before it returns; `wait()` receives. No other op may run in between."""
         if len(send) == self.world_size and not send[self.rank].is_cpu:
             parts = self.all_to_all_v(send)
-            return torch.cat(parts), [part.shape[0] for part in parts]
+            return PendingAllToAll(result=(torch.cat(parts), [p.shape[0] for p in parts]))
+        if len(send) != self.world_size:
+            raise ValueError(f"all_to_all_v needs {self.world_size} tensors, got {len(send)}")
+        peers = self._peers()
+        sent = self._send(_ALL_TO_ALL, [(dst, *wire(send[dst])) for dst in peers])
+        self._pending = True
+        # NOTE: `send` stays referenced until wait(): zero-copy sends may still read it.
+        return PendingAllToAll(finish=lambda: self._finish_cat(send, peers, sent))
+
+    def _finish_cat(
+        self, send: list[torch.Tensor], peers: list[int], sent: tuple
+    ) -> tuple[torch.Tensor, list[int]]:
         try:
-            received = self._send_all_to_all(send)
+            self._pending = False
+            received = self._receive(_ALL_TO_ALL, peers, *sent)
             mine = send[self.rank].contiguous()
             parts = []  # (rows, address, owner) in rank order
             for src in range(self.world_size):
                 if src == self.rank:
                     parts.append((mine.shape[0], mine.data_ptr(), mine))
                     continue
-                dtype, shape, address, owner = self._received(src, received[src])
-                _check_part(src, dtype, shape, self.rank, mine)
+                dtype, shape, address, owner = decode(src, received[src], self._shm)
+                check_part(src, dtype, shape, self.rank, mine)
                 parts.append((shape[0], address, owner))
-            counts = [rows for rows, _, _ in parts]
-            out = mine.new_empty((sum(counts), *mine.shape[1:]))
-            row_bytes = math.prod(mine.shape[1:]) * mine.element_size()
-            at = out.data_ptr()
-            for rows, address, _ in parts:
-                if rows and row_bytes:
-                    ctypes.memmove(at, address, rows * row_bytes)
-                at += rows * row_bytes
-            return out, counts
+            return concatenated(parts, mine), [rows for rows, _, _ in parts]
         finally:
             self._release_slots()
 
     def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
         """See `Collective.all_gather`."""
         peers = self._peers()
-        header, data = _wire(tensor)
+        header, data = wire(tensor)
         gathered = [tensor] * self.world_size
         try:
             received = self._exchange(_ALL_GATHER, [(dst, header, data) for dst in peers], peers)
             for src, frames in received.items():
-                gathered[src] = _to_device_of(self._tensor(src, frames), tensor)
+                gathered[src] = to_device_of(self._tensor(src, frames), tensor)
         finally:
             self._release_slots()
         return gathered
@@ -444,8 +423,8 @@ class ZmqMeshCollective(Collective):
             return tensor
         nxt, prev = (self.rank + 1) % self.world_size, (self.rank - 1) % self.world_size
         try:
-            received = self._exchange(_RING, [(nxt, *_wire(tensor))], [prev])
-            return _to_device_of(self._tensor(prev, received[prev]), tensor)
+            received = self._exchange(_RING, [(nxt, *wire(tensor))], [prev])
+            return to_device_of(self._tensor(prev, received[prev]), tensor)
         finally:
             self._release_slots()
 
@@ -475,13 +454,3 @@ class ZmqMeshCollective(Collective):
             ms.remove_dir_if_empty(self._socket_dir)
             self._socket_dir = None
 
-
-def _check_part(
-    src: int, dtype: torch.dtype, shape: tuple, rank: int, mine: torch.Tensor | None
-) -> None:
-    """An all-to-all part from src must match this rank's dtype and trailing dims."""
-    if mine is not None and (dtype != mine.dtype or tuple(shape[1:]) != tuple(mine.shape[1:])):
-        raise ValueError(
-            f"all_to_all_v: rank {src} sent {dtype}{list(shape)}, rank {rank} sends "
-            f"{mine.dtype}{list(mine.shape)}; dtype and trailing dims must match"
-        )

@@ -131,6 +131,18 @@ def exercise(rank: int, coll: Collective, die_rank: int | None) -> dict[str, Any
         for k in range(3)
     ]
     result["a2a_cat"] = [(t.tolist(), counts) for t, counts in cats]
+    # in two halves, with compute between; the zmq mesh refuses another op in between
+    pending = coll.all_to_all_cat_start([2 * _a2a_payload(rank, dst, torch.float32)
+                                         for dst in range(world)])  # fmt: skip
+    torch.randn(64, 64) @ torch.randn(64, 64)
+    if isinstance(coll, ZmqMeshCollective):
+        try:
+            coll.barrier()
+            result["op_while_pending"] = None
+        except RuntimeError as exc:
+            result["op_while_pending"] = str(exc)
+    split, split_counts = pending.wait()
+    result["a2a_cat_split"] = (split.tolist(), split_counts, pending.wait()[0] is split)
     strided = [_strided(_a2a_payload(rank, dst, torch.bfloat16)) for dst in range(world)]
     result["a2a_cat_bf16_strided"] = coll.all_to_all_cat(strided)[0].float().tolist()
     if isinstance(coll, ZmqMeshCollective):  # a peer's part of another dtype: a clear error
@@ -206,6 +218,12 @@ def check_results(results: dict[int, Any], world: int, die_rank: int | None) -> 
              .tolist(), [_split_rows(src, rank) for src in range(world)])
             for k in range(3)
         ]  # fmt: skip
+        assert res["a2a_cat_split"] == (
+            torch.cat([2 * _a2a_payload(src, rank, torch.float32) for src in range(world)])
+            .tolist(), [_split_rows(src, rank) for src in range(world)], True
+        )  # fmt: skip
+        if "op_while_pending" in res:
+            assert "all_to_all_cat_start is still pending" in res["op_while_pending"]
         expected_bf16 = [_a2a_payload(src, rank, torch.bfloat16) for src in range(world)]
         assert res["a2a_cat_bf16_strided"] == torch.cat(expected_bf16).float().tolist()
         if "a2a_cat_mismatch" in res:

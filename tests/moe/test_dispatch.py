@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -30,17 +32,23 @@ def test_exchange_equals_local_grouped_compute(dtype, packed, monkeypatch):
     def compute(xs, ws, es):
         return ops.fused_moe(xs, w_gate_up, w_down, ws.float(), es, expert_map=emap)
 
+    def shared(xs):  # a shared expert: runs while the dispatch is in flight
+        time.sleep(0.05)
+        return 3 * xs
+
     collective = create_collective("zmq", 0, 1)
     try:
-        out = dispatch.ExpertParallel(collective)(
-            x, weights, ids, compute, PairDestinations(placement)
-        )
+        exchange = dispatch.ExpertParallel(collective)
+        out = exchange(x, weights, ids, compute, PairDestinations(placement))
+        with_shared = exchange(x, weights, ids, compute, PairDestinations(placement), shared)
     finally:
         collective.close()
     # per pair, then summed in fp32: the same arithmetic as the exchange
     per_pair = compute(x.repeat_interleave(K, 0), weights.reshape(-1, 1), ids.reshape(-1, 1))
     expected = per_pair.float().view(T, K, H).sum(1).to(dtype)
     torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    torch.testing.assert_close(with_shared, expected + 3 * x, atol=0, rtol=0)
+    assert exchange.comm_time_s < 0.05  # the shared expert's time is compute, not exchange
 
 
 @pytest.mark.parametrize("family", ["qwen2-moe", "qwen3-moe"])
