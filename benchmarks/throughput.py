@@ -1,6 +1,7 @@
 """Offline throughput: titanserve vs batched `transformers.generate`, same requests, same run.
 
-    python benchmarks/throughput.py [--models tiny-mixtral tiny-llama] [--workers 1 2]
+    python benchmarks/throughput.py [--models tiny-llama tiny-mixtral tiny-qwen2-moe]
+                                    [--workers 1 2]
                                     [--num-requests 64] [--hf-batch-sizes 16 32 64] [--smollm2]
                                     [--zoo-size] [--repeat N] [--eager-too] [--process-ab]
                                     [--big-batch 32] [--smollm2-moe] [--redundant-experts N]
@@ -57,6 +58,9 @@ SCALED = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_k
 MODELS = {
     "tiny-llama": ("llama", dict(SCALED, intermediate_size=768)),
     "tiny-mixtral": ("mixtral", dict(SCALED, intermediate_size=384)),
+    # every layer MoE, with a shared expert twice an expert's width
+    "tiny-qwen2-moe": ("qwen2-moe", dict(SCALED, moe_intermediate_size=384,
+                                         shared_expert_intermediate_size=768, mlp_only_layers=[])),
 }
 Request = tuple[list[int], int]  # (prompt token ids, output tokens)
 BIG_BATCH = 32  # the overhead goal is stated for steps with at least this many requests
@@ -368,7 +372,8 @@ def bench_smollm2(args: argparse.Namespace, tmp: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; prints a table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="*", default=["tiny-llama", "tiny-mixtral"],
+                        choices=list(MODELS))
     parser.add_argument("--workers", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--num-requests", type=int, default=64)
     parser.add_argument("--hf-batch-sizes", nargs="+", type=int, default=[16, 32, 64],
