@@ -44,11 +44,13 @@ class ExpertParallel:
         (its time is compute, not communication)."""
         t0, waited = time.perf_counter(), self.collective.peer_wait_s
         pending = self.collective.all_to_all_cat_start(parts)
-        if meanwhile is not None:
-            t1 = time.perf_counter()
-            meanwhile()
+        t1 = time.perf_counter()
+        try:
+            if meanwhile is not None:
+                meanwhile()
+        finally:  # receive even if it failed: the others have sent, the collective stays in step
             t0 += time.perf_counter() - t1
-        out = pending.wait()
+            out = pending.wait()
         self.comm_time_s += time.perf_counter() - t0
         self.comm_wait_s += self.collective.peer_wait_s - waited
         return out

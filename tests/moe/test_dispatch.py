@@ -69,3 +69,27 @@ def test_every_model_tensor_follows_the_build_device(family, tmp_path):
     assert placement.expert_map().device.type == "cpu"  # outside the context: the default
     destinations = PairDestinations(ExpertPlacement.contiguous(8), torch.device("meta"))
     assert destinations.owner.device.type == "meta"
+
+
+def test_a_failing_shared_expert_leaves_the_exchange_usable():
+    """The dispatch is received even when the shared expert computed meanwhile raises: the
+    collective is not left with an op in flight (the next exchange would be refused)."""
+    placement = ExpertPlacement.contiguous(4)
+    x, weights = torch.randn(3, 8), torch.full((3, 1), 1.0)
+    ids = torch.tensor([[0], [1], [3]], dtype=torch.int32)
+
+    def compute(xs, ws, es):
+        return xs * ws
+
+    def broken(xs):
+        raise ValueError("shared expert failed")
+
+    collective = create_collective("zmq", 0, 1)
+    try:
+        exchange = dispatch.ExpertParallel(collective)
+        with pytest.raises(ValueError, match="shared expert failed"):
+            exchange(x, weights, ids, compute, PairDestinations(placement), broken)
+        out = exchange(x, weights, ids, compute, PairDestinations(placement))
+    finally:
+        collective.close()
+    torch.testing.assert_close(out, x)
