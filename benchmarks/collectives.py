@@ -18,15 +18,14 @@ runs 8).
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import os
-import queue
 import socket
 import time
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from spawn_ranks import run_ranks
 
 from titanserve.ipc.collectives.mesh_sockets import make_socket_dir
 from titanserve.ipc.collectives.zmq_mesh import ZmqMeshCollective
@@ -133,24 +132,8 @@ def bench_world(
 ) -> list[tuple[int, float, float, float]]:
     """Per size: (size, zmq, zmq without slots, gloo seconds), each the slowest rank's (with
     `cold`, the last rank's: the others report 0)."""
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    args = (world, [make_socket_dir(), make_socket_dir()], free_port(), sizes, cold, out)
-    procs = [ctx.Process(target=run_rank, args=(rank, *args)) for rank in range(world)]
-    for proc in procs:
-        proc.start()
-    per_rank: dict[int, list] = {}
-    while len(per_rank) < world:
-        try:
-            rank, rows = out.get(timeout=1)
-            per_rank[rank] = rows
-        except queue.Empty:
-            if any(proc.exitcode not in (None, 0) for proc in procs):
-                for proc in procs:
-                    proc.kill()
-                raise SystemExit("a benchmark process failed; see its traceback above") from None
-    for proc in procs:
-        proc.join()
+    per_rank = run_ranks(run_rank, world, world, [make_socket_dir(), make_socket_dir()],
+                         free_port(), sizes, cold)  # fmt: skip
     return [
         (size, *(max(per_rank[r][i][k] for r in range(world)) for k in (1, 2, 3)))
         for i, size in enumerate(sizes)

@@ -17,12 +17,11 @@ parts: waiting for the others, and the barriers' work.
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import os
-import queue
 import time
 
 import torch
+from spawn_ranks import run_ranks
 
 from titanserve.ipc.collectives.mesh_sockets import make_socket_dir
 from titanserve.ipc.collectives.zmq_mesh import ZmqMeshCollective
@@ -74,27 +73,7 @@ def run_rank(rank: int, world: int, socket_dir: str, args: argparse.Namespace, o
 
 def run_round(world: int, args: argparse.Namespace) -> dict[str, float]:
     """One round: step time and the slowest process's shares (outside compute, waiting)."""
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    socket_dir = make_socket_dir()
-    procs = [
-        ctx.Process(target=run_rank, args=(rank, world, socket_dir, args, out))
-        for rank in range(world)
-    ]
-    for proc in procs:
-        proc.start()
-    per_rank: dict[int, list] = {}
-    while len(per_rank) < world:
-        try:
-            rank, steps = out.get(timeout=1)
-            per_rank[rank] = steps
-        except queue.Empty:
-            if any(proc.exitcode not in (None, 0) for proc in procs):
-                for proc in procs:
-                    proc.kill()
-                raise SystemExit("a benchmark process failed; see its traceback above") from None
-    for proc in procs:
-        proc.join()
+    per_rank = run_ranks(run_rank, world, world, make_socket_dir(), args)
     wall = compute = waited = 0.0
     for step in zip(*per_rank.values()):  # the slowest process's compute counts, as in Engine
         slowest = max(step, key=lambda s: s[1])
