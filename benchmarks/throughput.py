@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import tempfile
 import time
@@ -44,13 +43,20 @@ from pathlib import Path
 
 import lockstep_floor
 import torch
+from titanserve_runs import (
+    BIG_BATCH,
+    Request,
+    fastest,
+    make_requests,
+    outside_compute_text,
+    print_row,
+    run_rounds,
+    run_titanserve,
+    titanserve_configs,
+)
 
 from titanserve.core.config import ModelConfig
 from titanserve.core.cpu_malloc import tune_malloc
-from titanserve.core.engine import outside_compute
-from titanserve.core.engine_config import EngineConfig
-from titanserve.core.llm import LLM
-from titanserve.core.sampling_params import SamplingParams
 from titanserve.launcher.tiny_models import make_tiny
 
 # The tiny zoo's models, a bit bigger: (H 256, 4 layers, 8 query / 4 kv heads).
@@ -62,86 +68,11 @@ MODELS = {
     "tiny-qwen2-moe": ("qwen2-moe", dict(SCALED, moe_intermediate_size=384,
                                          shared_expert_intermediate_size=768, mlp_only_layers=[])),
 }
-Request = tuple[list[int], int]  # (prompt token ids, output tokens)
-BIG_BATCH = 32  # the overhead goal is stated for steps with at least this many requests
 # `--smollm2-moe` runs benchmarks/lockstep_floor.py each round: compute segments as long as the
 # model's between two all-to-alls (~250 ms a step / 60 on the development machine)
 FLOOR_SEGMENT_MS, FLOOR_STEPS = 4.0, 40
 
 
-def make_requests(
-    n: int, vocab: int, prompt_lens: tuple[int, int], output_lens: tuple[int, int], seed: int = 0
-) -> list[Request]:
-    """n random requests with uniform prompt/output lengths in the given (inclusive) ranges."""
-    rng = random.Random(seed)
-    return [
-        (
-            [rng.randrange(vocab) for _ in range(rng.randint(*prompt_lens))],
-            rng.randint(*output_lens),
-        )
-        for _ in range(n)
-    ]
-
-
-def run_titanserve(
-    path: Path, requests: list[Request], workers: int, dtype: str, device: str,
-    big_batch: int = BIG_BATCH, **options,
-) -> dict:
-    """Time `LLM.generate` on all requests at once, after a warm-up request, on a fresh engine
-    (a warm prefix cache would flatter it); the `*_big_batch` figures count steps with at
-    least `big_batch` requests running. `options`: more `LLM` keywords."""
-    llm = LLM(str(path), dtype=dtype, num_workers=workers, device=device, progress=False,
-              **options)
-    try:
-        params = [
-            SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for _, n in requests
-        ]
-        llm.generate([requests[0][0][:16]], params[0])  # warm-up (one-time costs)
-        engine = llm.engine
-        engine.reset_stats()  # count the timed run only
-        big_batch_totals = _time_big_batch_steps(engine, big_batch)
-        start = time.perf_counter()
-        outputs = llm.generate([p for p, _ in requests], params)
-        elapsed = time.perf_counter() - start
-        big_share, big_parts = outside_compute(*big_batch_totals)
-        wall = big_batch_totals[0]
-        return {
-            "elapsed_s": elapsed,
-            "tokens": sum(len(o.token_ids) for o in outputs),
-            "token_ids": [o.token_ids for o in outputs],
-            "overhead": engine.overhead_fraction,
-            "overhead_big_batch": big_share if wall else None,
-            # of it, the slowest worker in all-to-alls: waiting for the others, and the rest
-            "parts_big_batch": big_parts,
-        }
-    finally:
-        llm.shutdown()
-
-
-def _time_big_batch_steps(engine, min_batch: int = BIG_BATCH) -> list[float]:
-    """[wall, model compute, all-to-all time, of it waiting] summed over engine steps taken
-    with >= min_batch requests running (the tail of a run, where few are left, has shorter
-    steps); the last two are the slowest worker's (see `Engine.overhead_parts`)."""
-    totals = [0.0, 0.0, 0.0, 0.0]
-    step = engine.step
-
-    def counters() -> tuple[float, float, float]:
-        return engine.compute_time_s, engine.comm_time_s, engine.comm_wait_time_s
-
-    def timed_step():
-        batch, t0, before = len(engine.scheduler.running), time.perf_counter(), counters()
-        deltas = step()
-        if batch >= min_batch:
-            totals[0] += time.perf_counter() - t0
-            for i, (now, then) in enumerate(zip(counters(), before), start=1):
-                totals[i] += now - then
-        return deltas
-
-    engine.step = timed_step
-    return totals
-
-
-@torch.inference_mode()
 def run_hf(
     path: Path, requests: list[Request], batch_size: int, dtype: str, device: str
 ) -> dict:
@@ -178,10 +109,6 @@ def run_hf(
     return {"elapsed_s": elapsed, "tokens": sum(map(len, token_ids)), "token_ids": token_ids}
 
 
-def _fastest(runs: list[dict]) -> dict:
-    return min(runs, key=lambda r: r["elapsed_s"])
-
-
 def agreement(a: list[list[int]], b: list[list[int]]) -> float:
     """Fraction of tokens in the common greedy prefix of each request pair."""
     same = total = 0
@@ -189,67 +116,6 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
         total += max(len(x), len(y))
         same += next((i for i, (s, t) in enumerate(zip(x, y)) if s != t), min(len(x), len(y)))
     return same / total if total else 1.0
-
-
-def _row(label: str, result: dict, extra: str = "") -> None:
-    rate = result["tokens"] / result["elapsed_s"]
-    print(
-        f"  {label:<44}{result['tokens']:>7} tok {result['elapsed_s']:>8.2f} s "
-        f"{rate:>9.1f} tok/s{extra}",
-        flush=True,
-    )
-
-
-def titanserve_configs(workers: list[int], args: argparse.Namespace) -> list[tuple[str, int, dict]]:
-    """(row label, workers, more `LLM` keywords) of each titanserve configuration timed."""
-
-    def label(w: int, note: str = "") -> str:
-        return f"titanserve ({w} worker{'s' * (w > 1)}{', ' + note if note else ''})"
-
-    configs = [(label(w), w, {}) for w in workers]
-    # with several workers: copies of experts, expert re-placement, and both
-    variants = [({"num_redundant_experts": r}, f"{r} redundant expert{'s' * (r > 1)}")
-                for r in args.redundant_experts]
-    if args.expert_rebalance_steps:
-        steps = args.expert_rebalance_steps
-        variants += [({**options, "expert_rebalance_steps": steps},
-                      f"{note + ', ' if note else ''}rebalanced every {steps}")
-                     for options, note in [({}, ""), *variants]]
-    configs += [(label(w, note), w, options) for options, note in variants
-                for w in workers if w > 1]
-    if args.eager_too and args.device == "cuda":
-        configs += [(label(w, "eager"), w, {"enforce_eager": True}) for w in workers]
-    if args.process_ab and 1 in workers:
-        own = EngineConfig(model="-").resolve_worker_processes(torch.device(args.device))
-        configs.append((label(1, "in-process" if own else "own process"), 1,
-                        {"worker_processes": not own}))
-    return configs
-
-
-def run_rounds(
-    path: Path, requests: list[Request], configs: list[tuple[str, int, dict]], dtype: str,
-    args: argparse.Namespace, baseline_round=None,
-) -> tuple[dict[str, list[dict]], dict[str, str]]:
-    """`--repeat` rounds of every titanserve configuration, each round after
-    `baseline_round()` (if given), so that all sides sample the same stretch of a host whose
-    speed drifts. A configuration that fails is not run again and does not stop the others.
-    Returns (label -> its results by round, label -> its failure)."""
-    rounds: dict[str, list[dict]] = {label: [] for label, _, _ in configs}
-    failed: dict[str, str] = {}
-    for round_ in range(args.repeat):
-        if args.repeat > 1:
-            print(f"  round {round_ + 1}/{args.repeat}", flush=True)
-        if baseline_round is not None:
-            baseline_round()
-        for label, w, options in configs:
-            if label in failed:
-                continue
-            try:
-                rounds[label].append(run_titanserve(path, requests, w, dtype, args.device,
-                                                    args.big_batch, **options))
-            except Exception as e:  # one broken configuration must not hide the others' numbers
-                failed[label] = f"FAILED: {type(e).__name__}: {e}"
-    return rounds, failed
 
 
 def bench_tiny(name: str, workers: list[int], args: argparse.Namespace, tmp: Path) -> None:
@@ -273,10 +139,10 @@ def bench_tiny(name: str, workers: list[int], args: argparse.Namespace, tmp: Pat
                                                 args.device))
 
     ts_rounds, failed = run_rounds(path, requests, configs, "float32", args, transformers_round)
-    best = {b: _fastest(runs) for b, runs in hf_rounds.items()}
+    best = {b: fastest(runs) for b, runs in hf_rounds.items()}
     for batch_size, run in best.items():
-        _row(f"transformers (batch {batch_size})", run)
-    hf = _fastest(list(best.values()))  # the fastest batch size is the baseline
+        print_row(f"transformers (batch {batch_size})", run)
+    hf = fastest(list(best.values()))  # the fastest batch size is the baseline
     hf_rate = hf["tokens"] / hf["elapsed_s"]
     # per round: titanserve against that round's fastest transformers batch size
     hf_per_round = [min(runs[i]["elapsed_s"] for runs in hf_rounds.values())
@@ -285,26 +151,13 @@ def bench_tiny(name: str, workers: list[int], args: argparse.Namespace, tmp: Pat
         if label in failed:
             print(f"  {label:<44}{failed[label]}", flush=True)
             continue
-        ts = _fastest(runs)
+        ts = fastest(runs)
         extra = f"  x{ts['tokens'] / ts['elapsed_s'] / hf_rate:.2f} vs best HF"
         if len(runs) > 1:
             extra += " (rounds " + " / ".join(
                 f"x{h / r['elapsed_s']:.2f}" for h, r in zip(hf_per_round, runs)) + ")"
         extra += f"  agree {agreement(ts['token_ids'], hf['token_ids']):.0%}"
-        _row(label, ts, extra + _outside_compute(ts, args.big_batch))
-
-
-def _outside_compute(ts: dict, big_batch: int) -> str:
-    """The share of step time outside model compute, and for big-batch steps its parts."""
-    text = f"  outside compute {ts['overhead']:.0%}" if ts["overhead"] is not None else ""
-    if ts["overhead_big_batch"] is not None:
-        text += f" (batch >= {big_batch}: {ts['overhead_big_batch']:.0%}"
-        parts = ts["parts_big_batch"]
-        if parts["all-to-all work"]:  # workers that exchange experts: what it consists of
-            text += (f"; all-to-all wait {parts['all-to-all wait']:.0%}, "
-                     f"work {parts['all-to-all work']:.0%}")
-        text += ")"
-    return text
+        print_row(label, ts, extra + outside_compute_text(ts, args.big_batch))
 
 
 def bench_smollm2_moe(args: argparse.Namespace, tmp: Path) -> None:
@@ -338,14 +191,14 @@ def bench_smollm2_moe(args: argparse.Namespace, tmp: Path) -> None:
         print(f"  host floor, {world} processes meeting {floor_args.meetings} times a step "
               f"(benchmarks/lockstep_floor.py): outside compute {shares}", flush=True)
     base_label = configs[0][0]
-    base = None if base_label in failed else _fastest(rounds[base_label])
+    base = None if base_label in failed else fastest(rounds[base_label])
     for label, runs in rounds.items():
         if label in failed:
             print(f"  {label:<44}{failed[label]}", flush=True)
             continue
-        ts = _fastest(runs)
+        ts = fastest(runs)
         ratio = f"  x{base['elapsed_s'] / ts['elapsed_s']:.2f} vs {base_label}" if base else ""
-        _row(label, ts, ratio + _outside_compute(ts, args.big_batch))
+        print_row(label, ts, ratio + outside_compute_text(ts, args.big_batch))
 
 
 def bench_smollm2(args: argparse.Namespace, tmp: Path) -> None:
@@ -363,10 +216,10 @@ def bench_smollm2(args: argparse.Namespace, tmp: Path) -> None:
         rounds = [(run_hf(path, requests, batch, "bfloat16", args.device),
                    run_titanserve(path, requests, 1, "bfloat16", args.device))
                   for _ in range(args.repeat)]  # interleaved, as in bench_tiny
-        hf, ts = (_fastest(list(side)) for side in zip(*rounds))
-        _row(f"transformers b{batch}", hf)
+        hf, ts = (fastest(list(side)) for side in zip(*rounds))
+        print_row(f"transformers b{batch}", hf)
         ratio = (ts["tokens"] / ts["elapsed_s"]) / (hf["tokens"] / hf["elapsed_s"])
-        _row(f"titanserve b{batch}", ts, f"  x{ratio:.2f} vs HF")
+        print_row(f"titanserve b{batch}", ts, f"  x{ratio:.2f} vs HF")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -104,7 +104,7 @@ def test_a_failing_configuration_does_not_stop_the_others(tmp_path) -> None:
 
     sys.path.insert(0, str(SCRIPT.parent))
     try:
-        import throughput
+        import titanserve_runs
     finally:
         sys.path.remove(str(SCRIPT.parent))
     from titanserve.launcher.tiny_models import make_tiny
@@ -114,7 +114,7 @@ def test_a_failing_configuration_does_not_stop_the_others(tmp_path) -> None:
     configs = [("copies on a dense model", 2, {"num_redundant_experts": 1}),
                ("one worker", 1, {})]
     baseline_rounds = []
-    rounds, failed = throughput.run_rounds(
+    rounds, failed = titanserve_runs.run_rounds(
         path, [([5, 6, 7], 3)], configs, "float32", args, lambda: baseline_rounds.append(1)
     )
     assert baseline_rounds == [1, 1]
