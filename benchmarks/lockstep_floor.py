@@ -23,6 +23,7 @@ import time
 import torch
 from spawn_ranks import run_ranks
 
+from titanserve.core.cpu_cores import allowed_cores, bind_to, threads_per_worker, worker_core_sets
 from titanserve.ipc.collectives.mesh_sockets import make_socket_dir
 from titanserve.ipc.collectives.zmq_mesh import ZmqMeshCollective
 
@@ -32,11 +33,10 @@ ROWS = 13  # activation rows per matmul: a decode batch of 32 spread over 8 expe
 
 
 def run_rank(rank: int, world: int, socket_dir: str, args: argparse.Namespace, out) -> None:
-    cores = sorted(os.sched_getaffinity(0))
-    share = max(1, len(cores) // world)
-    mine = cores[rank * share : (rank + 1) * share] or cores
-    os.sched_setaffinity(0, mine)
-    torch.set_num_threads(len(mine))
+    threads, cores = threads_per_worker(None, world), allowed_cores()
+    if cores:  # as the engine places its workers
+        bind_to(worker_core_sets(cores, world, threads)[rank])
+    torch.set_num_threads(threads)
     mesh = ZmqMeshCollective(rank, world, socket_dir=socket_dir, timeout_s=120)
     pool = [
         torch.randn(WEIGHT_SHAPE).bfloat16()
