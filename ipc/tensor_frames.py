@@ -52,10 +52,14 @@ _header_decoder = msgspec.msgpack.Decoder(TensorHeader)
 
 def tensor_header(tensor: torch.Tensor) -> TensorHeader:
     """The header describing `tensor` (dtype name and shape)."""
-    name = _DTYPE_NAMES.get(tensor.dtype)
+    return _header(tensor.dtype, tuple(tensor.shape))
+
+
+def _header(dtype: torch.dtype, shape: tuple[int, ...]) -> TensorHeader:
+    name = _DTYPE_NAMES.get(dtype)
     if name is None:
-        raise ValueError(f"tensor dtype {tensor.dtype} cannot travel as a frame")
-    return TensorHeader(name, tuple(tensor.shape))
+        raise ValueError(f"tensor dtype {dtype} cannot travel as a frame")
+    return TensorHeader(name, shape)
 
 
 def tensor_buffer(tensor: torch.Tensor) -> np.ndarray:
@@ -124,10 +128,7 @@ def header_bytes(dtype: torch.dtype, shape: tuple[int, ...]) -> bytes:
     """`encode_header` of a tensor of `dtype` and `shape`, memoized: a collective's messages
     repeat a few shapes, and a lookup costs far less than building and encoding a header
     when a step's compute has just evicted the code that does it (cold caches)."""
-    name = _DTYPE_NAMES.get(dtype)
-    if name is None:
-        raise ValueError(f"tensor dtype {dtype} cannot travel as a frame")
-    return encode_header(TensorHeader(name, shape))
+    return encode_header(_header(dtype, shape))
 
 
 @functools.lru_cache(maxsize=1024)

@@ -346,19 +346,20 @@ class ZmqMeshCollective(Collective):
             ctypes.memmove(tensor.data_ptr(), address, tensor.nbytes)
         return tensor
 
-    def _send_all_to_all(self, send: list[torch.Tensor]) -> dict[int, Frames]:
-        """Exchange `all_to_all_v`'s messages: what each peer sent here, as frames."""
+    def _send_all_to_all(self, send: list[torch.Tensor]) -> tuple[list[int], tuple]:
+        """Send an all-to-all's messages; returns (the peers, what `_receive` takes next)."""
         if len(send) != self.world_size:
             raise ValueError(f"all_to_all_v needs {self.world_size} tensors, got {len(send)}")
         peers = self._peers()
-        return self._exchange(_ALL_TO_ALL, [(dst, *wire(send[dst])) for dst in peers], peers)
+        return peers, self._send(_ALL_TO_ALL, [(dst, *wire(send[dst])) for dst in peers])
 
     def all_to_all_v(self, send: list[torch.Tensor]) -> list[torch.Tensor]:
         """See `Collective.all_to_all_v`."""
         mine = send[self.rank] if len(send) == self.world_size else None
         out = list(send)
         try:
-            for src, frames in self._send_all_to_all(send).items():
+            peers, sent = self._send_all_to_all(send)
+            for src, frames in self._receive(_ALL_TO_ALL, peers, *sent).items():
                 tensor = self._tensor(src, frames)
                 check_part(src, tensor.dtype, tensor.shape, self.rank, mine)
                 out[src] = to_device_of(tensor, mine)
@@ -377,10 +378,7 @@ class ZmqMeshCollective(Collective):
         if len(send) == self.world_size and not send[self.rank].is_cpu:
             parts = self.all_to_all_v(send)
             return PendingAllToAll(result=(torch.cat(parts), [p.shape[0] for p in parts]))
-        if len(send) != self.world_size:
-            raise ValueError(f"all_to_all_v needs {self.world_size} tensors, got {len(send)}")
-        peers = self._peers()
-        sent = self._send(_ALL_TO_ALL, [(dst, *wire(send[dst])) for dst in peers])
+        peers, sent = self._send_all_to_all(send)
         self._pending = True
         # NOTE: `send` stays referenced until wait(): zero-copy sends may still read it.
         return PendingAllToAll(finish=lambda: self._finish_cat(send, peers, sent))
