@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from functools import partial
 
 import torch
 
@@ -37,23 +38,23 @@ class ExpertParallel:
         self.comm_time_s = self.comm_wait_s = 0.0
 
     def _all_to_all(
-        self, parts: list[torch.Tensor], meanwhile: Callable[[], None] | None = None
-    ) -> tuple[torch.Tensor, list[int]]:
-        """(what every worker sent here, concatenated in rank order; rows from each).
-        `meanwhile()` runs once this worker's parts are sent, before it waits for the others'
-        (its time is compute, not communication)."""
+        self, parts: list[torch.Tensor], meanwhile: Callable[[], torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, list[int], torch.Tensor | None]:
+        """(what every worker sent here, concatenated in rank order; rows from each; what
+        `meanwhile()` returned). `meanwhile()` runs once this worker's parts are sent, before
+        it waits for the others' (its time is compute, not communication)."""
         t0, waited = time.perf_counter(), self.collective.peer_wait_s
         pending = self.collective.all_to_all_cat_start(parts)
-        t1 = time.perf_counter()
+        t1, extra = time.perf_counter(), None
         try:
             if meanwhile is not None:
-                meanwhile()
+                extra = meanwhile()
         finally:  # receive even if it failed: the others have sent, the collective stays in step
             t0 += time.perf_counter() - t1
-            out = pending.wait()
+            out, counts = pending.wait()
         self.comm_time_s += time.perf_counter() - t0
         self.comm_wait_s += self.collective.peer_wait_s - waited
-        return out
+        return out, counts, extra
 
     def __call__(
         self,
@@ -87,25 +88,21 @@ class ExpertParallel:
             dim=1,
         )  # (P, 2)
         rows = x.index_select(0, token_of_pair)  # (P, H)
-        shared_out = None
-
-        def shared_expert() -> None:
-            nonlocal shared_out
-            shared_out = shared(x)  # (T, H)
-
-        meanwhile = shared_expert if shared is not None else None
+        meanwhile = partial(shared, x) if shared is not None else None  # (T, H)
         if packed:
-            received, recv_counts = self._all_to_all(
+            received, recv_counts, shared_out = self._all_to_all(
                 list(torch.cat([rows, meta], dim=1).split(send_counts)), meanwhile
             )  # (N, H + 2)
             rx, rmeta = received[:, :H], received[:, H:]
         else:
-            rx, recv_counts = self._all_to_all(list(rows.split(send_counts)), meanwhile)  # (N, H)
-            rmeta, _ = self._all_to_all(list(meta.split(send_counts)))  # (N, 2)
+            rx, recv_counts, shared_out = self._all_to_all(
+                list(rows.split(send_counts)), meanwhile
+            )  # (N, H)
+            rmeta, _, _ = self._all_to_all(list(meta.split(send_counts)))  # (N, 2)
         expert_out = compute(
             rx.contiguous(), rmeta[:, 1:2].to(x.dtype), rmeta[:, 0:1].long()
         )  # (N, H), already scaled by the router weight
-        back, _ = self._all_to_all(list(expert_out.split(recv_counts)))  # (P, H)
+        back, _, _ = self._all_to_all(list(expert_out.split(recv_counts)))  # (P, H)
         # the top-k sum runs in fp32, as in the single-worker grouped compute
         out = torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device)  # (T, H)
         out.index_add_(0, token_of_pair, back.float())
