@@ -17,7 +17,7 @@ from titanserve.core.config import ModelConfig
 from titanserve.core.model.layers import GatedMLP
 from titanserve.kernels import ops
 from titanserve.moe.balance import PairDestinations
-from titanserve.moe.placement import ExpertPlacement, slot_map
+from titanserve.moe.placement import ExpertPlacement, slot_map, with_no_expert
 from titanserve.moe.router import route
 
 if TYPE_CHECKING:
@@ -49,7 +49,10 @@ class MoELayer(nn.Module):
             if cfg.shared_expert_gate
             else None
         )
-        self.register_buffer("expert_map", placement.expert_map(), persistent=False)
+        # (E + 1,) global id -> weight slot or -1; id -1 (no expert, see moe.dispatch) indexes
+        # the last entry, which is always -1.
+        self.register_buffer("expert_map", with_no_expert(placement.expert_map()),
+                             persistent=False)
         self.slot_experts = placement.local_experts  # the expert each weight slot holds
         # Set by the worker when experts are sharded: the exchange (shared by every layer) and
         # which worker computes each pair (this layer's, since placements may differ by layer).
@@ -70,7 +73,7 @@ class MoELayer(nn.Module):
         order, as loaded), and send pairs where it says."""
         self.placement = placement
         self.slot_experts = list(placement.local_experts if slot_experts is None else slot_experts)
-        self.expert_map.copy_(slot_map(self.slot_experts, self.cfg.num_experts))
+        self.expert_map.copy_(with_no_expert(slot_map(self.slot_experts, self.cfg.num_experts)))
         self.destinations = PairDestinations(placement, self.expert_map.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (T, H) -> (T, H)
@@ -96,7 +99,7 @@ class MoELayer(nn.Module):
         self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
     ) -> torch.Tensor:
         """Grouped compute on this worker's experts: sum_k w[t,k] * expert_{ids[t,k]}(x[t]).
-        Pairs routed to experts that are not local contribute nothing."""
+        Pairs routed to experts that are not local, or to none (id -1), contribute nothing."""
         return ops.fused_moe(
             x, self.w_gate_up, self.w_down, weights.float(), ids, expert_map=self.expert_map
         )

@@ -134,3 +134,8 @@ def slot_map(
         if e >= 0:
             m[e] = slot
     return torch.tensor(m, dtype=torch.int32, device=device)
+
+
+def with_no_expert(expert_map: torch.Tensor) -> torch.Tensor:
+    """(E,) map -> (E + 1,): a -1 appended, which id -1 (no expert) reads as id E would."""
+    return torch.cat([expert_map, expert_map.new_full((1,), -1)])

@@ -1,4 +1,5 @@
-"""ExpertParallel on a one-rank mesh: dispatch/combine around the grouped compute is exact."""
+"""ExpertParallel: dispatch/combine around the grouped compute, on one rank (exact) and on
+real processes (each token sent once to each worker that computes any of its pairs)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import time
 import pytest
 import torch
 
+from tests.ipc.test_collectives import backend_options, spawn_collective_group
 from titanserve.ipc.collectives import create_collective
 from titanserve.kernels import ops
 from titanserve.moe import dispatch
 from titanserve.moe.balance import PairDestinations
-from titanserve.moe.placement import ExpertPlacement
+from titanserve.moe.placement import ExpertPlacement, with_no_expert
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -28,8 +30,10 @@ def test_exchange_equals_local_grouped_compute(dtype, packed, monkeypatch):
     weights = weights.to(dtype)
     placement = ExpertPlacement.contiguous(E)
     emap = placement.expert_map()
+    rows_computed = []
 
     def compute(xs, ws, es):
+        rows_computed.append(xs.shape[0])
         return ops.fused_moe(xs, w_gate_up, w_down, ws.float(), es, expert_map=emap)
 
     def shared(xs):  # a shared expert: runs while the dispatch is in flight
@@ -43,9 +47,8 @@ def test_exchange_equals_local_grouped_compute(dtype, packed, monkeypatch):
         with_shared = exchange(x, weights, ids, compute, PairDestinations(placement), shared)
     finally:
         collective.close()
-    # per pair, then summed in fp32: the same arithmetic as the exchange
-    per_pair = compute(x.repeat_interleave(K, 0), weights.reshape(-1, 1), ids.reshape(-1, 1))
-    expected = per_pair.float().view(T, K, H).sum(1).to(dtype)
+    assert rows_computed == [T, T]  # a row a token, not a row a pair
+    expected = compute(x, weights, ids)  # one worker's arithmetic, bit for bit
     torch.testing.assert_close(out, expected, atol=0, rtol=0)
     torch.testing.assert_close(with_shared, expected + 3 * x, atol=0, rtol=0)
     assert exchange.comm_time_s < 0.05  # the shared expert's time is compute, not exchange
@@ -93,3 +96,64 @@ def test_a_failing_shared_expert_leaves_the_exchange_usable():
     finally:
         collective.close()
     torch.testing.assert_close(out, x)
+
+
+T_RANK, H_RANK, INTER_RANK, E_RANK, K_RANK = 24, 16, 8, 8, 2
+
+
+def _experts(dtype):  # every rank builds the same full set of expert weights
+    g = torch.Generator().manual_seed(1)
+    w_gate_up = torch.randn(E_RANK, 2 * INTER_RANK, H_RANK, generator=g).to(dtype)
+    w_down = torch.randn(E_RANK, H_RANK, INTER_RANK, generator=g).to(dtype)
+    return w_gate_up, w_down
+
+
+def _tokens(rank: int, dtype):
+    g = torch.Generator().manual_seed(100 + rank)
+    x = torch.randn(T_RANK, H_RANK, generator=g).to(dtype)
+    weights, ids = ops.topk_gating(torch.randn(T_RANK, E_RANK, generator=g), K_RANK)
+    return x, weights.to(dtype), ids
+
+
+def exchange_on_rank(rank: int, collective, dtype=torch.bfloat16) -> dict:
+    """One layer's exchange on this rank's tokens, computing only its own experts (and the
+    copy of an expert of the other worker) from its slots, as an MoE layer does."""
+    placement = ExpertPlacement.contiguous(E_RANK, collective.world_size, rank, redundant=1)
+    w_gate_up, w_down = _experts(dtype)
+    local = placement.local_experts
+    emap = with_no_expert(placement.expert_map())
+    received = []
+
+    def compute(xs, ws, es):
+        received.append(xs.shape[0])
+        return ops.fused_moe(xs, w_gate_up[local], w_down[local], ws.float(), es,
+                             expert_map=emap)
+
+    x, weights, ids = _tokens(rank, dtype)
+    out = dispatch.ExpertParallel(collective)(
+        x, weights, ids, compute, PairDestinations(placement)
+    )
+    return {"out": out.float().tolist(), "received": received[0]}  # no tensors on a queue
+
+
+def test_exchange_on_two_processes_sends_a_token_once_per_worker():
+    dtype, world = torch.bfloat16, 2
+    results = spawn_collective_group(world, "zmq", exchange_on_rank, **backend_options("zmq"))
+    w_gate_up, w_down = _experts(dtype)
+    placements = [ExpertPlacement.contiguous(E_RANK, world, r, redundant=1) for r in range(world)]
+    rows = 0
+    for rank in range(world):
+        x, weights, ids = _tokens(rank, dtype)
+        expected = ops.fused_moe(x, w_gate_up, w_down, weights.float(), ids)  # one worker
+        dest = PairDestinations(placements[rank])(ids.reshape(-1).long()).view(T_RANK, K_RANK)
+        one_worker = (dest == dest[:, :1]).all(1)  # (T,) tokens whose pairs meet on a worker
+        assert 0 < int(one_worker.sum()) < T_RANK  # both kinds occur
+        rows += T_RANK + int((~one_worker).sum())
+        out = torch.tensor(results[rank]["out"]).to(dtype)
+        # a token computed on one worker gets the one-worker sum exactly; the others differ
+        # by the rounding of each worker's partial sum to bf16 (2**-8 of its size at most)
+        torch.testing.assert_close(out[one_worker], expected[one_worker], atol=0, rtol=0)
+        scale = float(expected.float().abs().max())
+        torch.testing.assert_close(out, expected, atol=2**-7 * scale, rtol=0)
+    assert sum(r["received"] for r in results.values()) == rows  # < T * K per rank
+    assert rows < world * T_RANK * K_RANK
