@@ -26,15 +26,20 @@ class PairDestinations:
         self._owner_of, self._replica_of = list(placement.owner), list(placement.replica)
         self._with_copy = [e for e, r in enumerate(placement.replica) if r >= 0]
 
-    def __call__(self, flat_ids: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, flat_ids: torch.Tensor, expert_counts: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Each pair goes to its expert's owner; of the pairs of an expert with a copy, the
         owner keeps the first ones and the copy's holder takes the rest, in numbers that even
-        out the rows each worker gets (greedy over those experts, busiest first)."""
+        out the rows each worker gets (greedy over those experts, busiest first).
+        `expert_counts`: (E,) pairs of each expert, where the caller has counted them."""
         device = flat_ids.device
         owner = self.owner.to(device)
         if not self._with_copy:
             return owner[flat_ids]
-        counts = torch.bincount(flat_ids, minlength=owner.numel()).tolist()  # (E,) pairs
+        if expert_counts is None:
+            expert_counts = torch.bincount(flat_ids, minlength=owner.numel())
+        counts = expert_counts.tolist()  # (E,) pairs
         keep = self.owner_shares(counts)
         starts, at = [], 0
         for n in counts:

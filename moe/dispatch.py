@@ -69,13 +69,14 @@ class ExpertParallel:
         compute: ExpertCompute,
         destinations: PairDestinations,  # the layer's: which worker computes each pair
         shared: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        expert_counts: torch.Tensor | None = None,  # (E,) pairs of each expert, if counted
     ) -> torch.Tensor:
         """The experts' weighted sum for each token, plus `shared(x)` (a shared expert): that
         one is computed while the dispatch is in flight, so that a worker that is early at the
         exchange computes instead of waiting for the others."""
         T, K = ids.shape
         W = self.collective.world_size
-        dest = destinations(ids.reshape(-1).long()).view(T, K)  # (T, K) worker of each pair
+        dest = destinations(ids.reshape(-1).long(), expert_counts).view(T, K)  # (T, K) worker
         # A token goes once to each worker that computes any of its pairs, with all K ids:
         # those of pairs computed elsewhere are -1 (no expert), their weights 0.
         to_worker = (dest.unsqueeze(2) == torch.arange(W, device=dest.device)).any(1)  # (T, W)

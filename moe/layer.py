@@ -80,11 +80,14 @@ class MoELayer(nn.Module):
         router_logits = ops.linear(x, self.gate)  # (T, E)
         weights, ids = route(self.cfg, router_logits)  # (T, K) fp32, (T, K) int32
         weights = weights.to(x.dtype)
+        counts = None
         if self.count_loads:
-            self.expert_load += torch.bincount(ids.reshape(-1), minlength=self.cfg.num_experts)
+            counts = torch.bincount(ids.reshape(-1), minlength=self.cfg.num_experts)  # (E,)
+            self.expert_load += counts
         shared = self.shared_output if self.shared_expert is not None else None
         if self.exchange is not None:  # the shared expert runs while the dispatch is in flight
-            return self.exchange(x, weights, ids, self.compute_experts, self.destinations, shared)
+            return self.exchange(x, weights, ids, self.compute_experts, self.destinations,
+                                 shared, counts)
         out = self.compute_experts(x, weights, ids)
         return out if shared is None else out + shared(x)
 

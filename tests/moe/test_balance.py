@@ -33,6 +33,8 @@ def test_pairs_go_to_a_holder_and_rows_even_out(world, redundant, seed):
     placement = ExpertPlacement.contiguous(8, world, 0, redundant=redundant)
     ids = routed(64, 8, 2, seed)
     dest = PairDestinations(placement)(ids)
+    counted = torch.bincount(ids, minlength=8)  # as an MoE layer counting its loads has
+    assert torch.equal(PairDestinations(placement)(ids, counted), dest)
     owner, copy = placement.owner_tensor()[ids], torch.tensor(placement.replica)[ids]
     assert bool(((dest == owner) | (dest == copy)).all())
     balanced = rows_per_worker(dest, world)
