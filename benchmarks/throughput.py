@@ -1,7 +1,7 @@
 """Offline throughput: titanserve vs batched `transformers.generate`, same requests, same run.
 
-    python benchmarks/throughput.py [--models tiny-llama tiny-mixtral tiny-qwen2-moe]
-                                    [--workers 1 2]
+    python benchmarks/throughput.py [--models tiny-llama tiny-mixtral tiny-qwen2-moe
+                                              tiny-qwen3-moe] [--workers 1 2]
                                     [--num-requests 64] [--hf-batch-sizes 16 32 64] [--smollm2]
                                     [--zoo-size] [--repeat N] [--eager-too] [--process-ab]
                                     [--big-batch 32] [--smollm2-moe] [--redundant-experts N]
@@ -67,6 +67,9 @@ MODELS = {
     # every layer MoE, with a shared expert twice an expert's width
     "tiny-qwen2-moe": ("qwen2-moe", dict(SCALED, moe_intermediate_size=384,
                                          shared_expert_intermediate_size=768, mlp_only_layers=[])),
+    # fine-grained experts, as Qwen3-30B-A3B's (128 top-8, 3/8 of the hidden size wide)
+    "tiny-qwen3-moe": ("qwen3-moe", dict(SCALED, num_experts=64, num_experts_per_tok=8,
+                                         moe_intermediate_size=96, mlp_only_layers=[])),
 }
 # `--smollm2-moe` runs benchmarks/lockstep_floor.py each round: compute segments as long as the
 # model's between two all-to-alls (~250 ms a step / 60 on the development machine)
