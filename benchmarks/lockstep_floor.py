@@ -24,6 +24,7 @@ import torch
 from spawn_ranks import run_ranks
 
 from titanserve.core.cpu_cores import allowed_cores, bind_to, threads_per_worker, worker_core_sets
+from titanserve.core.cpu_malloc import with_huge_pages
 from titanserve.ipc.collectives.mesh_sockets import make_socket_dir
 from titanserve.ipc.collectives.zmq_mesh import ZmqMeshCollective
 
@@ -38,10 +39,8 @@ def run_rank(rank: int, world: int, socket_dir: str, args: argparse.Namespace, o
         bind_to(worker_core_sets(cores, world, threads)[rank])
     torch.set_num_threads(threads)
     mesh = ZmqMeshCollective(rank, world, socket_dir=socket_dir, timeout_s=120)
-    pool = [
-        torch.randn(WEIGHT_SHAPE).bfloat16()
-        for _ in range(max(1, POOL_BYTES // (2 * WEIGHT_SHAPE[0] * WEIGHT_SHAPE[1])))
-    ]
+    num_weights = max(1, POOL_BYTES // (2 * WEIGHT_SHAPE[0] * WEIGHT_SHAPE[1]))
+    pool = list(torch.randn(num_weights, *WEIGHT_SHAPE).bfloat16())  # one block, as in a model
     x = torch.randn(ROWS, WEIGHT_SHAPE[1]).bfloat16()
     used = 0
 
@@ -73,7 +72,8 @@ def run_rank(rank: int, world: int, socket_dir: str, args: argparse.Namespace, o
 
 def run_round(world: int, args: argparse.Namespace) -> dict[str, float]:
     """One round: step time and the slowest process's shares (outside compute, waiting)."""
-    per_rank = run_ranks(run_rank, world, world, make_socket_dir(), args)
+    per_rank = run_ranks(run_rank, world, world, make_socket_dir(), args,
+                         env=with_huge_pages(os.environ))  # as the engine's workers
     wall = compute = waited = 0.0
     for step in zip(*per_rank.values()):  # the slowest process's compute counts, as in Engine
         slowest = max(step, key=lambda s: s[1])

@@ -1,4 +1,4 @@
-"""glibc malloc settings for CPU inference.
+"""Memory allocation settings for CPU inference: glibc malloc's, and huge pages for workers.
 
 glibc serves large blocks with mmap and gives freed heap back to the kernel past a trim
 threshold, both adjusted on the fly. A model step allocates and frees the same few MB-sized
@@ -6,6 +6,13 @@ activations every time (gathered KV pages, MLP intermediates), so by default man
 back as fresh pages and every step pays page faults to zero them again: measured here, decode
 attention over 64 sequences took 12.3 ms per layer by default and 3.4 ms with these settings.
 Fixed thresholds keep those blocks in the heap, as a caching allocator would.
+
+Worker processes also get torch's CPU allocator to back its blocks of 2 MiB and more (weights,
+KV cache, large activations) with transparent huge pages (`THP_MEM_ALLOC_ENABLE`, where the
+kernel's THP mode is `madvise` or `always`), as AMD's ZenDNN guide advises for LLMs: a decode
+step streams hundreds of MB of weights, one TLB miss per 4 KiB page without them. Measured
+here on the demo's SmolLM2 MoE with 2 workers, six alternations: +1.2% to +6.4% output tok/s
+(+3.6% in the mean); with 1 worker in the engine's process, no change.
 """
 
 from __future__ import annotations
@@ -13,13 +20,22 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import sys
+from collections.abc import Mapping
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_BYTES = 32 << 20  # glibc's upper bound on 64-bit: larger blocks still mmap
 TRIM_THRESHOLD_BYTES = 1 << 30  # keep up to 1 GiB of freed heap for reuse
 
+THP_ENV = "THP_MEM_ALLOC_ENABLE"  # torch reads it once per process, at its first allocation
+
 _tuned: bool | None = None
+
+
+def with_huge_pages(env: Mapping[str, str]) -> dict[str, str]:
+    """A copy of `env` (a process environment) in which torch's CPU allocator backs blocks of
+    2 MiB and more with transparent huge pages, unless `env` already says (e.g. "0": not)."""
+    return {THP_ENV: "1", **env}
 
 
 def tune_malloc() -> bool:

@@ -34,6 +34,7 @@ from titanserve.core.cpu_cores import (
     threads_per_worker,
     worker_core_sets,
 )
+from titanserve.core.cpu_malloc import with_huge_pages
 from titanserve.core.engine_config import EngineConfig
 from titanserve.core.errors import ConfigError, WorkerLost
 from titanserve.ipc.messages import (
@@ -133,7 +134,8 @@ class MultiProcExecutor:
         self.procs = [
             subprocess.Popen(
                 [sys.executable, "-m", "titanserve.core.worker", self.run_dir, str(rank)]
-                + ([",".join(map(str, core_sets[rank]))] if core_sets else [])
+                + ([",".join(map(str, core_sets[rank]))] if core_sets else []),
+                env=with_huge_pages(os.environ),
             )
             for rank in range(self.world_size)
         ]

@@ -12,6 +12,7 @@ import torch
 
 from titanserve import LLM, SamplingParams
 from titanserve.core.cpu_cores import allowed_cores, threads_per_worker, worker_core_sets
+from titanserve.core.cpu_malloc import THP_ENV, with_huge_pages
 from titanserve.core.errors import WorkerLost
 from titanserve.launcher.tiny_models import make_tiny
 
@@ -57,9 +58,25 @@ def check_against_hf(path: str, num_workers: int, comm: str, bind: bool = True,
         outs = llm.generate(token_lists, greedy)
         assert [o.token_ids for o in outs] == ref_tokens
         check_cpu_cores(llm, num_workers, bind)
+        check_huge_pages(llm)
         for ours, ref in zip(llm.prompt_logits(token_lists), ref_logits):
             assert (ours - ref).abs().max().item() <= 1e-4
     return llm
+
+
+def check_huge_pages(llm: LLM) -> None:
+    """Worker processes back torch's large blocks with transparent huge pages (core.cpu_malloc):
+    they start with the setting, and where the kernel grants such pages they hold some."""
+    if llm.engine.executor.__class__.__name__ != "MultiProcExecutor":
+        return
+    mode = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    for proc in llm.engine.executor.procs:
+        environ = open(f"/proc/{proc.pid}/environ", "rb").read().split(b"\0")
+        assert THP_ENV.encode() + b"=1" in environ
+        if "[never]" not in mode:
+            rollup = open(f"/proc/{proc.pid}/smaps_rollup").read()
+            huge_kb = int(rollup.split("AnonHugePages:")[1].split()[0])
+            assert huge_kb >= 2048, rollup
 
 
 def check_cpu_cores(llm: LLM, num_workers: int, bind: bool) -> None:
@@ -448,3 +465,8 @@ def test_an_error_while_taking_results_drops_the_step_planned_ahead(tmp_path_fac
         assert engine._ahead is None
         run_to_end(engine, outs)
     assert [outs[f"x{i}"] for i in range(len(token_lists))] == want
+
+
+def test_a_huge_page_setting_of_the_callers_is_kept():
+    assert with_huge_pages({"PATH": "/bin"}) == {"PATH": "/bin", THP_ENV: "1"}
+    assert with_huge_pages({THP_ENV: "0"}) == {THP_ENV: "0"}
