@@ -12,10 +12,11 @@ KV cache, large activations) with transparent huge pages (`THP_MEM_ALLOC_ENABLE`
 kernel's THP mode is `madvise` or `always`), as AMD's ZenDNN guide advises for LLMs: a decode
 step streams hundreds of MB of weights, one TLB miss per 4 KiB page without them. Measured
 here with 2 workers: the demo's SmolLM2 MoE, fresh engines, six alternations, +1.2% to +6.4%
-output tok/s (+3.6% in the mean); a tiny Mixtral, second and third passes over 64 requests in
-one engine, +3% to +11% (its first pass, while the heap first grows to a batch's activations,
--6% to +7%: a 2 MiB page is zeroed at its first touch). 1 worker in the engine's process (not
-given them) gained nothing from them.
+output tok/s (+3.6% in the mean), prefill alone unchanged; a tiny fp32 Mixtral, decode over
+cached prompts in one engine, +3% to +11%. The cost comes once, while a worker's heap first
+grows to a batch's activations (a 2 MiB page is zeroed, or compacted for, at first touch): the
+tiny Mixtral's first 64 prompts prefill 20-28% slower, the next ones as fast. 1 worker in the
+engine's process (not given them) gained nothing from them.
 """
 
 from __future__ import annotations
