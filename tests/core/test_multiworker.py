@@ -66,14 +66,14 @@ def check_against_hf(path: str, num_workers: int, comm: str, bind: bool = True,
 
 def check_huge_pages(llm: LLM) -> None:
     """Worker processes back torch's large blocks with transparent huge pages (core.cpu_malloc):
-    they start with the setting, and where the kernel grants such pages they hold some."""
-    if llm.engine.executor.__class__.__name__ != "MultiProcExecutor":
-        return
+    they start with the setting, and on CPU, where the kernel grants such pages, hold some
+    (on a GPU their large blocks live in device memory)."""
+    on_cpu = llm.engine.config.resolve_device(0).type == "cpu"
     mode = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
     for proc in llm.engine.executor.procs:
         environ = open(f"/proc/{proc.pid}/environ", "rb").read().split(b"\0")
         assert THP_ENV.encode() + b"=1" in environ
-        if "[never]" not in mode:
+        if on_cpu and "[never]" not in mode:
             rollup = open(f"/proc/{proc.pid}/smaps_rollup").read()
             huge_kb = int(rollup.split("AnonHugePages:")[1].split()[0])
             assert huge_kb >= 2048, rollup
