@@ -17,7 +17,8 @@ from titanserve.moe.placement import ExpertPlacement
 
 
 class PairDestinations:
-    """Callable: (P,) expert id of each pair -> (P,) worker that computes it."""
+    """Callable: expert id of each pair (any shape) -> the worker that computes it (int64, the
+    same shape)."""
 
     def __init__(self, placement: ExpertPlacement, device: torch.device | None = None) -> None:
         self.world_size = placement.world_size
@@ -25,18 +26,20 @@ class PairDestinations:
         self.holder = placement.replica_tensor(device)  # (E,) worker with its copy
         self._owner_of, self._replica_of = list(placement.owner), list(placement.replica)
         self._with_copy = [e for e, r in enumerate(placement.replica) if r >= 0]
+        self.has_copies = bool(self._with_copy)  # then a pair's worker depends on the step
 
     def __call__(
-        self, flat_ids: torch.Tensor, expert_counts: torch.Tensor | None = None
+        self, ids: torch.Tensor, expert_counts: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Each pair goes to its expert's owner; of the pairs of an expert with a copy, the
         owner keeps the first ones and the copy's holder takes the rest, in numbers that even
         out the rows each worker gets (greedy over those experts, busiest first).
         `expert_counts`: (E,) pairs of each expert, where the caller has counted them."""
-        device = flat_ids.device
+        device = ids.device
         owner = self.owner.to(device)
         if not self._with_copy:
-            return owner[flat_ids]
+            return owner[ids]
+        flat_ids = ids.reshape(-1).long()  # (P,)
         if expert_counts is None:
             expert_counts = torch.bincount(flat_ids, minlength=owner.numel())
         counts = expert_counts.tolist()  # (E,) pairs
@@ -53,7 +56,7 @@ class PairDestinations:
         dest = torch.empty_like(flat_ids)
         dest[by_expert] = torch.where(to_copy, self.holder.to(device)[sorted_ids],
                                       owner[sorted_ids])
-        return dest
+        return dest.view(ids.shape)
 
     def owner_shares(self, counts: list[int]) -> list[int]:
         """How many of each expert's `counts[e]` pairs its owner computes (the rest go to

@@ -25,7 +25,8 @@ from titanserve.moe.balance import PairDestinations
 # Largest integer each dtype holds exactly (and so the largest expert count packable in it).
 _EXACT_IDS = {torch.float32: 2**24, torch.bfloat16: 2**8, torch.float16: 2**11}
 
-# (x (N, H), weights (N, K), global ids (N, K), -1: no expert) -> (N, H) weighted sum
+# (x (N, H), weights (N, K), global ids (N, K), -1: no expert) -> (N, H) weighted sum;
+# x and weights may be strided views (rows of a received message).
 ExpertCompute = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -75,45 +76,48 @@ class ExpertParallel:
         one is computed while the dispatch is in flight, so that a worker that is early at the
         exchange computes instead of waiting for the others."""
         T, K = ids.shape
-        W = self.collective.world_size
-        dest = destinations(ids.reshape(-1).long(), expert_counts).view(T, K)  # (T, K) worker
-        # A token goes once to each worker that computes any of its pairs, with all K ids:
-        # those of pairs computed elsewhere are -1 (no expert), their weights 0.
-        to_worker = (dest.unsqueeze(2) == torch.arange(W, device=dest.device)).any(1)  # (T, W)
+        W, H = self.collective.world_size, x.shape[1]
+        dest = destinations(ids, expert_counts)  # (T, K) worker of each pair
+        # A token goes once to each worker that computes any of its pairs, with all K ids.
+        # NOTE: few torch ops on purpose: each costs ~10-30 µs here, as a step's compute has
+        # just evicted the code that runs it (cold caches).
+        to_worker = torch.zeros(T, W, dtype=torch.bool, device=x.device).scatter_(1, dest, True)
         worker_of_row, token_of_row = to_worker.t().nonzero(as_tuple=True)  # (M,) by worker
         send_counts = to_worker.sum(0).tolist()
-        theirs = dest.index_select(0, token_of_row) != worker_of_row.unsqueeze(1)  # (M, K)
-        H = x.shape[1]
-        # One message per peer: rows of [hidden | K expert ids | K router weights]. The
-        # weights are already in x.dtype; the ids are exact in it while E <= _EXACT_IDS[dtype],
-        # else ids and weights ride in a second (fp32) exchange.
+        # A receiver computes a row's pairs for the experts it holds: the others map to -1 in
+        # its expert map. Where an expert has a copy, both holders hold it; then each pair
+        # not meant for a worker is sent to it as id -1 (no expert).
+        theirs = None  # (M, K) pairs of each row that its receiver must not compute
+        if destinations.has_copies:
+            theirs = dest.index_select(0, token_of_row) != worker_of_row.unsqueeze(1)
+        # One message per peer: rows of [hidden | K expert ids | K router weights]. The ids
+        # are exact in x.dtype while E <= _EXACT_IDS[dtype], else ids and weights ride in a
+        # second (fp32) exchange.
         packed = destinations.owner.numel() <= _EXACT_IDS.get(x.dtype, 0)
-        meta_dtype = x.dtype if packed else torch.float32
-        meta = torch.cat(
-            [
-                ids.index_select(0, token_of_row).masked_fill(theirs, -1).to(meta_dtype),
-                weights.index_select(0, token_of_row).masked_fill(theirs, 0).to(meta_dtype),
-            ],
-            dim=1,
-        )  # (M, 2K)
-        rows = x.index_select(0, token_of_row)  # (M, H)
         meanwhile = partial(shared, x) if shared is not None else None  # (T, H)
         if packed:
+            rows = torch.cat([x, ids.to(x.dtype), weights.to(x.dtype)], dim=1).index_select(
+                0, token_of_row)  # (M, H + 2K)
+            if theirs is not None:
+                rows[:, H : H + K].masked_fill_(theirs, -1)
             received, recv_counts, shared_out = self._all_to_all(
-                list(torch.cat([rows, meta], dim=1).split(send_counts)), meanwhile
-            )  # (N, H + 2K)
-            rx, rmeta = received[:, :H], received[:, H:]
-        else:
-            rx, recv_counts, shared_out = self._all_to_all(
                 list(rows.split(send_counts)), meanwhile
+            )  # (N, H + 2K)
+            rx, rids, rweights = received[:, :H], received[:, H : H + K], received[:, H + K :]
+        else:
+            meta = torch.cat([ids.float(), weights.float()], dim=1).index_select(0, token_of_row)
+            if theirs is not None:
+                meta[:, :K].masked_fill_(theirs, -1)  # (M, 2K)
+            rx, recv_counts, shared_out = self._all_to_all(
+                list(x.index_select(0, token_of_row).split(send_counts)), meanwhile
             )  # (N, H)
             rmeta, _, _ = self._all_to_all(list(meta.split(send_counts)))  # (N, 2K)
-        expert_out = compute(
-            rx.contiguous(), rmeta[:, K:].to(x.dtype), rmeta[:, :K].long()
-        )  # (N, H): each row's local pairs, weighted and summed (in fp32, rounded once)
+            rids, rweights = rmeta[:, :K], rmeta[:, K:]
+        # (N, H): each row's local pairs, weighted and summed (in fp32, rounded once)
+        expert_out = compute(rx, rweights, rids.long())
         back, _, _ = self._all_to_all(list(expert_out.split(recv_counts)))  # (M, H)
         # the sum over workers runs in fp32, as the top-k sum in the grouped compute
-        out = torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device)  # (T, H)
+        out = torch.zeros(T, H, dtype=torch.float32, device=x.device)  # (T, H)
         out.index_add_(0, token_of_row, back.float())
         out = out.to(x.dtype)
         return out if shared_out is None else out + shared_out
