@@ -47,6 +47,18 @@ def test_pairs_go_to_a_holder_and_rows_even_out(world, redundant, seed):
             assert abs(balanced[0] - balanced[1]) <= 1, (alone, balanced)
 
 
+@pytest.mark.parametrize("redundant", [0, 1])
+def test_a_routers_int32_ids_keep_their_shape(redundant):
+    """The dispatch passes the router's (T, K) int32 ids as they are."""
+    placement = ExpertPlacement.contiguous(8, 2, 0, redundant=redundant)
+    destinations = PairDestinations(placement)
+    ids = routed(64, 8, 2, seed=3)
+    dest = destinations(ids.view(64, 2).int())
+    assert dest.shape == (64, 2) and dest.dtype == torch.int64
+    assert torch.equal(dest.reshape(-1), destinations(ids))
+    assert destinations.has_copies == bool(redundant)
+
+
 def test_an_imbalance_larger_than_the_copies_moves_them_all():
     placement = ExpertPlacement.contiguous(8, 2, 0, redundant=1)  # 0 <-> 1, 4 <-> 0
     ids = torch.tensor([1, 2, 3] * 10 + [0] * 4)  # 30 fixed rows for worker 0, 4 movable
