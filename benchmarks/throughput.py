@@ -76,6 +76,7 @@ MODELS = {
 FLOOR_SEGMENT_MS, FLOOR_STEPS = 4.0, 40
 
 
+@torch.inference_mode()
 def run_hf(
     path: Path, requests: list[Request], batch_size: int, dtype: str, device: str
 ) -> dict:

@@ -92,9 +92,6 @@ def time_big_batch_steps(engine, min_batch: int = BIG_BATCH) -> list[float]:
     return totals
 
 
-@torch.inference_mode()
-
-
 def fastest(runs: list[dict]) -> dict:
     return min(runs, key=lambda r: r["elapsed_s"])
 
