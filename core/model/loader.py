@@ -106,6 +106,8 @@ def load_expert_weights(
     """Read the given experts of some MoE layers (layer index -> global expert ids) from the
     checkpoint into `stacks` ("layers.{i}.mlp.w_gate_up" / "...w_down" -> dense (n, N, K)
     stacks, row j for the layer's j-th id); nothing else is read or touched."""
+    if not any(experts.values()):  # a re-placement that brings this worker no expert
+        return
     local_of = {layer: {e: i for i, e in enumerate(ids)} for layer, ids in experts.items()}
     for file in checkpoint_files(path):
         with safe_open(str(file), framework="pt") as f:
