@@ -16,7 +16,9 @@ of `--hf-batch-sizes` and the fastest is the baseline (on this CPU, batch 64 bea
 25-90%). Prints output tokens/s of both, the ratio, how many greedy tokens agree, and the
 share of step time outside model compute; for steps with at least `--big-batch` (32) requests
 running, with experts across workers, also the slowest worker's all-to-all time in two parts:
-waiting for the others, and the rest (work).
+waiting for the others, and the rest (work). Last on each titanserve line, where Linux says
+(schedstat): the run-queue wait, the largest share of the run that a model thread sat ready to
+run while something else (the engine, a host daemon) had its core; lockstep workers all lose it.
 `--repeat N` runs N rounds of all of that, interleaved (a host whose speed drifts then slows both
 sides alike); each configuration keeps its best round, and titanserve's line adds its ratio to
 each round's fastest transformers. `--smollm2` adds SmolLM2-135M (bf16) decode tok/s at batch 1

@@ -5,6 +5,7 @@ and the rows they print (used by `throughput.py`)."""
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import time
 from pathlib import Path
@@ -51,9 +52,13 @@ def run_titanserve(
         engine = llm.engine
         engine.reset_stats()  # count the timed run only
         big_batch_totals = time_big_batch_steps(engine, big_batch)
+        # the processes whose main thread runs the model: the workers, else this one
+        pids = [p.pid for p in getattr(engine.executor, "procs", [])] or [os.getpid()]
+        waited = [run_queue_wait_s(pid) for pid in pids]
         start = time.perf_counter()
         outputs = llm.generate([p for p, _ in requests], params)
         elapsed = time.perf_counter() - start
+        waited = [(run_queue_wait_s(pid), then) for pid, then in zip(pids, waited)]
         big_share, big_parts = outside_compute(*big_batch_totals)
         wall = big_batch_totals[0]
         return {
@@ -64,9 +69,23 @@ def run_titanserve(
             "overhead_big_batch": big_share if wall else None,
             # of it, the slowest worker in all-to-alls: waiting for the others, and the rest
             "parts_big_batch": big_parts,
+            # the most a model thread sat ready to run while something else had its core
+            "run_queue_wait": max((now - then) / elapsed for now, then in waited)
+            if all(now is not None and then is not None for now, then in waited) else None,
         }
     finally:
         llm.shutdown()
+
+
+def run_queue_wait_s(pid: int) -> float | None:
+    """Seconds the main thread of process `pid` has spent ready to run while another task ran
+    on its core (Linux schedstat's run delay): host daemons, the engine, other workers. None
+    where the OS does not say."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def time_big_batch_steps(engine, min_batch: int = BIG_BATCH) -> list[float]:
@@ -167,4 +186,6 @@ def outside_compute_text(ts: dict, big_batch: int) -> str:
             text += (f"; all-to-all wait {parts['all-to-all wait']:.0%}, "
                      f"work {parts['all-to-all work']:.0%}")
         text += ")"
+    if ts.get("run_queue_wait") is not None:  # lockstep workers lose what any of them loses
+        text += f"  run-queue wait {ts['run_queue_wait']:.1%}"
     return text

@@ -50,6 +50,7 @@ def test_throughput_benchmark_splits_the_all_to_all_share() -> None:
     for label in [f"titanserve (2 workers{variant})" for variant in variants]:
         line = next(row for row in run.stdout.splitlines() if label + " " in row)
         assert re.search(r"\(batch >= 2: \d+%; all-to-all wait \d+%, work \d+%\)", line), line
+        assert re.search(r"run-queue wait \d+\.\d%", line), line
         assert re.search(r"agree \d+%", line), line
 
 
@@ -122,3 +123,34 @@ def test_a_failing_configuration_does_not_stop_the_others(tmp_path) -> None:
     assert "FAILED: ConfigError" in failed["copies on a dense model"]
     assert rounds["copies on a dense model"] == []
     assert [r["tokens"] for r in rounds["one worker"]] == [3, 3]
+
+
+def test_run_queue_wait_counts_time_kept_off_the_core() -> None:
+    """`run_queue_wait_s` (the benchmark's per-row host check) reads how long a thread sat
+    ready while another task ran on its core: two busy processes on one core wait ~half."""
+    probe = f"""
+import os, subprocess, sys, time
+sys.path.insert(0, {str(SCRIPT.parent)!r})
+from titanserve_runs import run_queue_wait_s
+core = min(os.sched_getaffinity(0))
+os.sched_setaffinity(0, {{core}})  # the busy child inherits it: both share one core
+hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+try:
+    time.sleep(0.3)
+    before, end = run_queue_wait_s(os.getpid()), time.perf_counter() + 1.0
+    while time.perf_counter() < end:
+        pass
+    shared = run_queue_wait_s(os.getpid()) - before
+finally:
+    hog.kill()
+    hog.wait()
+before, end = run_queue_wait_s(os.getpid()), time.perf_counter() + 1.0
+while time.perf_counter() < end:  # the core to itself now
+    pass
+print(shared, run_queue_wait_s(os.getpid()) - before)
+"""
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 0, run.stderr
+    shared, alone = map(float, run.stdout.split())
+    assert shared > 0.2 and alone < 0.15, run.stdout  # ~0.5 s of the 1 s, then ~0
