@@ -69,8 +69,7 @@ class LLM:
                             pending.discard(delta.request_id)
                         yield delta
         finally:
-            for rid in pending:
-                self.engine.abort(rid)
+            self._abort_quietly(pending)
 
     def chat(
         self,
@@ -104,11 +103,20 @@ class LLM:
                     if delta.finished:
                         bar.update(1)
         except BaseException:
-            for rid in list(self.engine.trackers):
-                self.engine.abort(rid)
+            self._abort_quietly(list(self.engine.trackers))
             raise
         finally:
             bar.close()
+
+    def _abort_quietly(self, request_ids) -> None:
+        """Abort requests left when a run stops on an exception (which then propagates) or a
+        stream is closed early: an abort that fails (a Ctrl-C can land mid-step) must not
+        replace the exception that stopped it."""
+        for rid in list(request_ids):
+            try:
+                self.engine.abort(rid)
+            except Exception:  # noqa: BLE001 - the exception being raised says why we stopped
+                pass
 
     # ------------------------------------------------------------------ lifecycle
     def shutdown(self) -> None:

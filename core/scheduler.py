@@ -80,10 +80,16 @@ class Scheduler:
         """Finish (or abort) a request and release everything it holds."""
         if request.is_finished:
             return
-        if request.status == RequestStatus.RUNNING:
-            self.running.remove(request)
-        else:
-            self.waiting.remove(request)
+        queue, other = (
+            (self.running, self.waiting)
+            if request.status == RequestStatus.RUNNING
+            else (self.waiting, self.running)
+        )
+        try:
+            queue.remove(request)
+        except ValueError:  # a KeyboardInterrupt stopped a schedule while moving it
+            if request in other:
+                other.remove(request)
         self._release(request)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason

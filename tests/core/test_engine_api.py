@@ -368,3 +368,31 @@ def test_a_step_sent_but_never_collected_still_runs(tiny_model, random_prompts):
             for delta in engine.step():
                 outs.setdefault(delta.request_id, []).extend(delta.new_token_ids)
     assert [outs[f"x{i}"] for i in range(2)] == want
+
+
+def test_an_interrupted_run_raises_its_own_exception_when_cleanup_fails(
+    tiny_model, random_prompts, monkeypatch
+):
+    """Ctrl-C during `generate`: the requests are aborted, and an abort that fails (state a
+    step left half-changed) does not replace the KeyboardInterrupt."""
+    prompts = random_prompts([8, 8], seed=11)
+    with make_llm(tiny_model(FAMILY)) as llm:
+        engine, steps = llm.engine, []
+        real_step = engine.step
+
+        def interrupted_step():
+            steps.append(1)
+            if len(steps) == 2:
+                raise KeyboardInterrupt
+            return real_step()
+
+        def failing_abort(request_id):
+            raise ValueError(f"{request_id} is half-moved")
+
+        monkeypatch.setattr(engine, "step", interrupted_step)
+        monkeypatch.setattr(engine, "abort", failing_abort)
+        with pytest.raises(KeyboardInterrupt):
+            llm.generate(prompts, greedy())
+        steps.clear()
+        with pytest.raises(KeyboardInterrupt):
+            list(llm.stream(prompts, greedy()))

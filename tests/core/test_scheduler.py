@@ -316,6 +316,23 @@ def test_abort_releases_blocks_and_tells_the_worker():
     assert scheduler.schedule().plans[0].finished_ids == []
 
 
+@pytest.mark.parametrize("status", [RequestStatus.WAITING, RequestStatus.RUNNING])
+def test_a_request_caught_between_the_queues_can_be_aborted(status):
+    """A Ctrl-C can stop a schedule after it took a request off one queue and before it put
+    it on the other (admission, preemption): aborting it still works, and nothing leaks."""
+    scheduler = make_scheduler(num_blocks=8, block_size=4, enable_prefix_caching=False)
+    scheduler.add(make_request("a", [5] * 6))
+    request = scheduler.waiting.popleft()  # as admission does, stopped before it runs
+    request.status = status
+    scheduler.finish(request, "abort")
+    assert request.finish_reason == "abort" and "a" not in scheduler.requests
+    assert not scheduler.waiting and not scheduler.running
+    scheduler.add(make_request("b", [6] * 3, max_tokens=2))
+    while scheduler.has_unfinished():
+        run_step(scheduler)
+    assert scheduler.block_managers[0].num_free_blocks == 8
+
+
 def test_request_aborted_while_its_step_ran_is_left_alone():
     scheduler = make_scheduler()
     scheduler.add(make_request("a", [5] * 6))
