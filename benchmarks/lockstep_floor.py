@@ -11,7 +11,8 @@ step: what workers do at each MoE all-to-all (the demo's 30-layer SmolLM2 MoE me
 step), with nothing to route and nothing uneven. Whatever the slowest process spends outside its
 segments is then host noise (preemption, interrupts, shared caches and memory bandwidth, a VM's
 scheduling) plus the barriers' own work. Prints, per round, that share of step time in two
-parts: waiting for the others, and the barriers' work.
+parts: waiting for the others, and the barriers' work; then, where Linux says, the largest
+share of a process's run spent ready while something else had its core (run-queue wait).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import os
 import time
 
 import torch
+from run_queue import run_queue_wait_s
 from spawn_ranks import run_ranks
 
 from titanserve.core.cpu_cores import allowed_cores, bind_to, threads_per_worker, worker_core_sets
@@ -56,22 +58,27 @@ def run_rank(rank: int, world: int, socket_dir: str, args: argparse.Namespace, o
     per_matmul = (time.perf_counter() - start) / len(pool)
     count = torch.tensor([max(1, round(args.segment_ms / 1e3 / per_matmul))])
     n = int(mesh.all_gather(count)[0].item())
-    steps = []  # (wall, compute, waited) per step
+    steps = []  # (wall, compute, waited, run-queue wait or None) per step
     for _ in range(args.steps):
         mesh.barrier()
         waited, compute, start = mesh.peer_wait_s, 0.0, time.perf_counter()
+        queued = run_queue_wait_s(os.getpid())
         for _ in range(args.meetings):
             t0 = time.perf_counter()
             segment(n)
             compute += time.perf_counter() - t0
             mesh.barrier()
-        steps.append((time.perf_counter() - start, compute, mesh.peer_wait_s - waited))
+        now = run_queue_wait_s(os.getpid())
+        steps.append((time.perf_counter() - start, compute, mesh.peer_wait_s - waited,
+                      None if now is None or queued is None else now - queued))
     mesh.close()
     out.put((rank, steps))
 
 
 def run_round(world: int, args: argparse.Namespace) -> dict[str, float]:
-    """One round: step time and the slowest process's shares (outside compute, waiting)."""
+    """One round: step time, the slowest process's shares (outside compute, waiting), and
+    the largest share any process sat ready to run while something else had its core (None
+    where the OS does not say)."""
     per_rank = run_ranks(run_rank, world, world, make_socket_dir(), args,
                          env=with_huge_pages(os.environ))  # as the engine's workers
     wall = compute = waited = 0.0
@@ -81,7 +88,14 @@ def run_round(world: int, args: argparse.Namespace) -> dict[str, float]:
         compute += slowest[1]
         waited += slowest[2]
     outside = max(0.0, 1 - compute / wall)
-    return {"step_ms": 1e3 * wall / args.steps, "outside": outside, "wait": waited / wall}
+    queued = [[s[3] for s in steps] for steps in per_rank.values()]
+    run_queue = None if any(None in q for q in queued) else max(map(sum, queued)) / wall
+    return {"step_ms": 1e3 * wall / args.steps, "outside": outside, "wait": waited / wall,
+            "run_queue": run_queue}
+
+
+def run_queue_text(share: float | None) -> str:
+    return "" if share is None else f", run-queue wait {100 * share:.1f}%"
 
 
 def main() -> None:
@@ -104,7 +118,8 @@ def main() -> None:
         r = run_round(args.workers, args)
         print(f"round {i + 1}: step {r['step_ms']:.0f} ms, outside compute "
               f"{100 * r['outside']:.1f}% (waiting {100 * r['wait']:.1f}%, barrier work "
-              f"{100 * max(0.0, r['outside'] - r['wait']):.1f}%)", flush=True)  # fmt: skip
+              f"{100 * max(0.0, r['outside'] - r['wait']):.1f}%)"
+              + run_queue_text(r["run_queue"]), flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

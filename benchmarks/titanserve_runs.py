@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import torch
+from run_queue import run_queue_wait_s
 
 from titanserve.core.engine import outside_compute
 from titanserve.core.engine_config import EngineConfig
@@ -75,17 +76,6 @@ def run_titanserve(
         }
     finally:
         llm.shutdown()
-
-
-def run_queue_wait_s(pid: int) -> float | None:
-    """Seconds the main thread of process `pid` has spent ready to run while another task ran
-    on its core (Linux schedstat's run delay): host daemons, the engine, other workers. None
-    where the OS does not say."""
-    try:
-        with open(f"/proc/{pid}/task/{pid}/schedstat") as f:
-            return int(f.read().split()[1]) / 1e9
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def time_big_batch_steps(engine, min_batch: int = BIG_BATCH) -> list[float]:

@@ -68,10 +68,12 @@ def test_throughput_benchmark_times_the_demo_moe_alone() -> None:
     assert "x1.00 vs titanserve (1 worker)" in rows[0]
     assert "(2 workers, 1 redundant expert)" in rows[2]
     for row in rows[1:]:
-        assert re.search(r"\(batch >= 2: \d+%; all-to-all wait \d+%, work \d+%\)", row), row
+        assert re.search(r"\(batch >= 2: \d+%; all-to-all wait \d+%, work \d+%\)  "
+                         r"run-queue wait [\d.]+%$", row), row
     # the host floor of 2 processes meeting at both all-to-alls of the 30 layers, one round
-    assert re.search(r"host floor, 2 processes meeting 60 times a step .*: outside compute "
-                     r"\d+% \(waiting \d+%\)$", run.stdout, re.M), run.stdout
+    floor = (r"host floor, 2 processes meeting 60 times a step .*: outside compute "
+             r"\d+% \(waiting \d+%, run-queue wait [\d.]+%\)$")
+    assert re.search(floor, run.stdout, re.M), run.stdout
 
 
 def _ratios(line: str) -> tuple[float, list[float]]:
@@ -131,7 +133,7 @@ def test_run_queue_wait_counts_time_kept_off_the_core() -> None:
     probe = f"""
 import os, subprocess, sys, time
 sys.path.insert(0, {str(SCRIPT.parent)!r})
-from titanserve_runs import run_queue_wait_s
+from run_queue import run_queue_wait_s
 core = min(os.sched_getaffinity(0))
 os.sched_setaffinity(0, {{core}})  # the busy child inherits it: both share one core
 hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
