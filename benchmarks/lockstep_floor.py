@@ -22,7 +22,7 @@ import os
 import time
 
 import torch
-from run_queue import run_queue_wait_s
+from run_queue import run_queue_wait_s, run_queue_wait_since
 from spawn_ranks import run_ranks
 
 from titanserve.core.cpu_cores import allowed_cores, bind_to, threads_per_worker, worker_core_sets
@@ -61,16 +61,16 @@ def run_rank(rank: int, world: int, socket_dir: str, args: argparse.Namespace, o
     steps = []  # (wall, compute, waited, run-queue wait or None) per step
     for _ in range(args.steps):
         mesh.barrier()
+        queued = run_queue_wait_s(os.getpid())  # read outside the timed step
         waited, compute, start = mesh.peer_wait_s, 0.0, time.perf_counter()
-        queued = run_queue_wait_s(os.getpid())
         for _ in range(args.meetings):
             t0 = time.perf_counter()
             segment(n)
             compute += time.perf_counter() - t0
             mesh.barrier()
-        now = run_queue_wait_s(os.getpid())
-        steps.append((time.perf_counter() - start, compute, mesh.peer_wait_s - waited,
-                      None if now is None or queued is None else now - queued))
+        wall = time.perf_counter() - start
+        steps.append((wall, compute, mesh.peer_wait_s - waited,
+                      run_queue_wait_since(os.getpid(), queued)))
     mesh.close()
     out.put((rank, steps))
 

@@ -12,3 +12,9 @@ def run_queue_wait_s(pid: int) -> float | None:
             return int(f.read().split()[1]) / 1e9
     except (OSError, ValueError, IndexError):
         return None
+
+
+def run_queue_wait_since(pid: int, before: float | None) -> float | None:
+    """`run_queue_wait_s(pid)` less an earlier reading of it; None if either is None."""
+    now = run_queue_wait_s(pid)
+    return None if now is None or before is None else now - before

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import torch
-from run_queue import run_queue_wait_s
+from run_queue import run_queue_wait_s, run_queue_wait_since
 
 from titanserve.core.engine import outside_compute
 from titanserve.core.engine_config import EngineConfig
@@ -55,11 +55,11 @@ def run_titanserve(
         big_batch_totals = time_big_batch_steps(engine, big_batch)
         # the processes whose main thread runs the model: the workers, else this one
         pids = [p.pid for p in getattr(engine.executor, "procs", [])] or [os.getpid()]
-        waited = [run_queue_wait_s(pid) for pid in pids]
+        before = [run_queue_wait_s(pid) for pid in pids]
         start = time.perf_counter()
         outputs = llm.generate([p for p, _ in requests], params)
         elapsed = time.perf_counter() - start
-        waited = [(run_queue_wait_s(pid), then) for pid, then in zip(pids, waited)]
+        queued = [run_queue_wait_since(pid, then) for pid, then in zip(pids, before)]
         big_share, big_parts = outside_compute(*big_batch_totals)
         wall = big_batch_totals[0]
         return {
@@ -71,8 +71,7 @@ def run_titanserve(
             # of it, the slowest worker in all-to-alls: waiting for the others, and the rest
             "parts_big_batch": big_parts,
             # the most a model thread sat ready to run while something else had its core
-            "run_queue_wait": max((now - then) / elapsed for now, then in waited)
-            if all(now is not None and then is not None for now, then in waited) else None,
+            "run_queue_wait": None if None in queued else max(queued) / elapsed,
         }
     finally:
         llm.shutdown()
