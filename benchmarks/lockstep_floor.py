@@ -12,7 +12,9 @@ step), with nothing to route and nothing uneven. Whatever the slowest process sp
 segments is then host noise (preemption, interrupts, shared caches and memory bandwidth, a VM's
 scheduling) plus the barriers' own work. Prints, per round, that share of step time in two
 parts: waiting for the others, and the barriers' work; then, where Linux says, the largest
-share of a process's run spent ready while something else had its core (run-queue wait).
+share of a process's run spent ready while something else had its core (run-queue wait); and
+how much less the fastest process computed than the slowest, steps summed (compute apart: on
+identical work, what the host alone sets apart, e.g. a core slowed down for a few steps).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from spawn_ranks import run_ranks
 
 from titanserve.core.cpu_cores import allowed_cores, bind_to, threads_per_worker, worker_core_sets
 from titanserve.core.cpu_malloc import with_huge_pages
+from titanserve.core.engine import compute_apart
 from titanserve.ipc.collectives.mesh_sockets import make_socket_dir
 from titanserve.ipc.collectives.zmq_mesh import ZmqMeshCollective
 
@@ -76,22 +79,24 @@ def run_rank(rank: int, world: int, socket_dir: str, args: argparse.Namespace, o
 
 
 def run_round(world: int, args: argparse.Namespace) -> dict[str, float]:
-    """One round: step time, the slowest process's shares (outside compute, waiting), and
-    the largest share any process sat ready to run while something else had its core (None
-    where the OS does not say)."""
+    """One round: step time, the slowest process's shares (outside compute, waiting), the
+    largest share any process sat ready to run while something else had its core (None
+    where the OS does not say), and how much less the fastest process computed than the
+    slowest (identical work: the host alone sets them apart)."""
     per_rank = run_ranks(run_rank, world, world, make_socket_dir(), args,
                          env=with_huge_pages(os.environ))  # as the engine's workers
-    wall = compute = waited = 0.0
+    wall = compute = waited = fastest = 0.0
     for step in zip(*per_rank.values()):  # the slowest process's compute counts, as in Engine
         slowest = max(step, key=lambda s: s[1])
         wall += max(s[0] for s in step)
         compute += slowest[1]
         waited += slowest[2]
+        fastest += min(s[1] for s in step)
     outside = max(0.0, 1 - compute / wall)
     queued = [[s[3] for s in steps] for steps in per_rank.values()]
     run_queue = None if any(None in q for q in queued) else max(map(sum, queued)) / wall
     return {"step_ms": 1e3 * wall / args.steps, "outside": outside, "wait": waited / wall,
-            "run_queue": run_queue}
+            "run_queue": run_queue, "apart": compute_apart(compute, fastest)}
 
 
 def run_queue_text(share: float | None) -> str:
@@ -119,7 +124,8 @@ def main() -> None:
         print(f"round {i + 1}: step {r['step_ms']:.0f} ms, outside compute "
               f"{100 * r['outside']:.1f}% (waiting {100 * r['wait']:.1f}%, barrier work "
               f"{100 * max(0.0, r['outside'] - r['wait']):.1f}%)"
-              + run_queue_text(r["run_queue"]), flush=True)  # fmt: skip
+              + run_queue_text(r["run_queue"]) + f", compute apart {100 * r['apart']:.1f}%",
+              flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -194,7 +194,8 @@ def bench_smollm2_moe(args: argparse.Namespace, tmp: Path) -> None:
     )  # fmt: skip
     if floors:
         shares = " / ".join(f"{f['outside']:.0%} (waiting {f['wait']:.0%}"
-                            f"{lockstep_floor.run_queue_text(f['run_queue'])})" for f in floors)
+                            f"{lockstep_floor.run_queue_text(f['run_queue'])}, "
+                            f"compute apart {f['apart']:.0%})" for f in floors)
         print(f"  host floor, {world} processes meeting {floor_args.meetings} times a step "
               f"(benchmarks/lockstep_floor.py): outside compute {shares}", flush=True)
     base_label = configs[0][0]

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from run_queue import run_queue_wait_s, run_queue_wait_since
 
-from titanserve.core.engine import outside_compute
+from titanserve.core.engine import compute_apart, outside_compute
 from titanserve.core.engine_config import EngineConfig
 from titanserve.core.llm import LLM
 from titanserve.core.sampling_params import SamplingParams
@@ -60,7 +60,7 @@ def run_titanserve(
         outputs = llm.generate([p for p, _ in requests], params)
         elapsed = time.perf_counter() - start
         queued = [run_queue_wait_since(pid, then) for pid, then in zip(pids, before)]
-        big_share, big_parts = outside_compute(*big_batch_totals)
+        big_share, big_parts = outside_compute(*big_batch_totals[:4])
         wall = big_batch_totals[0]
         return {
             "elapsed_s": elapsed,
@@ -70,6 +70,8 @@ def run_titanserve(
             "overhead_big_batch": big_share if wall else None,
             # of it, the slowest worker in all-to-alls: waiting for the others, and the rest
             "parts_big_batch": big_parts,
+            # how much less the fastest worker computed than the slowest (1 worker: 0)
+            "compute_apart_big_batch": compute_apart(big_batch_totals[1], big_batch_totals[4]),
             # the most a model thread sat ready to run while something else had its core
             "run_queue_wait": None if None in queued else max(queued) / elapsed,
         }
@@ -78,14 +80,16 @@ def run_titanserve(
 
 
 def time_big_batch_steps(engine, min_batch: int = BIG_BATCH) -> list[float]:
-    """[wall, model compute, all-to-all time, of it waiting] summed over engine steps taken
-    with >= min_batch requests running (the tail of a run, where few are left, has shorter
-    steps); the last two are the slowest worker's (see `Engine.overhead_parts`)."""
-    totals = [0.0, 0.0, 0.0, 0.0]
+    """[wall, model compute, all-to-all time, of it waiting, the fastest worker's compute]
+    summed over engine steps taken with >= min_batch requests running (the tail of a run, where
+    few are left, has shorter steps); the middle three are the slowest worker's (see
+    `Engine.overhead_parts`)."""
+    totals = [0.0] * 5
     step = engine.step
 
-    def counters() -> tuple[float, float, float]:
-        return engine.compute_time_s, engine.comm_time_s, engine.comm_wait_time_s
+    def counters() -> tuple[float, float, float, float]:
+        return (engine.compute_time_s, engine.comm_time_s, engine.comm_wait_time_s,
+                engine.fastest_compute_time_s)
 
     def timed_step():
         batch, t0, before = len(engine.scheduler.running), time.perf_counter(), counters()
@@ -173,7 +177,8 @@ def outside_compute_text(ts: dict, big_batch: int) -> str:
         parts = ts["parts_big_batch"]
         if parts["all-to-all work"]:  # workers that exchange experts: what it consists of
             text += (f"; all-to-all wait {parts['all-to-all wait']:.0%}, "
-                     f"work {parts['all-to-all work']:.0%}")
+                     f"work {parts['all-to-all work']:.0%}; "
+                     f"workers' compute apart {ts['compute_apart_big_batch']:.0%}")
         text += ")"
     if ts.get("run_queue_wait") is not None:  # lockstep workers lose what any of them loses
         text += f"  run-queue wait {ts['run_queue_wait']:.1%}"

@@ -8,6 +8,7 @@ beyond handing returned logits to the caller.
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,13 @@ def outside_compute(
     wait, work = comm_wait_s / step_s, (comm_s - comm_wait_s) / step_s
     rest = max(0.0, share - wait - work)
     return share, {"all-to-all wait": wait, "all-to-all work": work, "engine + IPC": rest}
+
+
+def compute_apart(slowest_s: float, fastest_s: float) -> float:
+    """How much less the fastest worker computed than the slowest, as a share of the slowest's
+    compute (steps summed): lockstep workers on identical work still drift apart when the host
+    slows one core down for a while, and the others then wait. 0 for no steps."""
+    return max(0.0, 1.0 - fastest_s / slowest_s) if slowest_s > 0 else 0.0
 
 
 @dataclass
@@ -229,8 +237,8 @@ class Engine:
     def reset_stats(self) -> None:
         """Zero the step counters: steps, their wall time, and of it the model's compute
         and the all-to-alls of the worker whose compute counts (the slowest), of which the
-        time it waited there for the others."""
-        self.step_time_s = self.compute_time_s = 0.0
+        time it waited there for the others; and the fastest worker's compute."""
+        self.step_time_s = self.compute_time_s = self.fastest_compute_time_s = 0.0
         self.comm_time_s = self.comm_wait_time_s = 0.0
         self.num_steps = 0
 
@@ -284,8 +292,9 @@ class Engine:
                 )
             return deltas
         try:
-            compute, comm, comm_wait = self._collect_step(out, deltas)
+            compute, comm, comm_wait, fastest = self._collect_step(out, deltas)
             self.compute_time_s += compute
+            self.fastest_compute_time_s += fastest
             self.comm_time_s += comm
             self.comm_wait_time_s += comm_wait
         except BaseException:
@@ -298,17 +307,19 @@ class Engine:
 
     def _collect_step(
         self, out: SchedulerOutput, deltas: list[StepDelta]
-    ) -> tuple[float, float, float]:
+    ) -> tuple[float, float, float, float]:
         """Take step `out`'s results worker by worker (appending deltas where no core is
         spare); returns the model compute time of the slowest worker (its all-to-alls
-        excluded), and that worker's time in all-to-alls and, of it, waiting for the others."""
-        slowest = (0.0, 0.0, 0.0)
+        excluded), that worker's time in all-to-alls and, of it, waiting for the others, and
+        the fastest worker's compute time."""
+        slowest, fastest = (0.0, 0.0, 0.0), math.inf
         for rank, result, logits in self.executor.collect():  # while the others compute
             compute = result.compute_time_s - result.comm_time_s
             if rank == 0:  # every worker re-places the same layers
                 self.layers_rebalanced += result.layers_rebalanced
             if compute > slowest[0]:
                 slowest = (compute, result.comm_time_s, result.comm_wait_s)
+            fastest = min(fastest, compute)
             sampled = {s.request_id: s.token_id for s in result.seqs if s.token_id is not None}
             taken = [(r.request_id, t) for r, t in self.scheduler.update(out, sampled, rank)]
             taken_ids = {rid for rid, _ in taken}
@@ -319,7 +330,7 @@ class Engine:
             self._pending += taken
             if not self.executor.overlaps:  # nothing to hide them behind: deliver them now
                 deltas += self._process_pending()
-        return slowest
+        return (*slowest, fastest if fastest < math.inf else 0.0)
 
     def _process_pending(self) -> list[StepDelta]:
         pending, self._pending = self._pending, []

@@ -163,6 +163,7 @@ def test_sampled_and_seeded_outputs_do_not_depend_on_worker_count(tmp_path_facto
     token_lists = prompts(4, seed=1)
     with LLM(path, progress=False) as llm:
         single = [o.token_ids for o in llm.generate(token_lists, params)]
+        alone = llm.engine
     with LLM(path, num_workers=2, progress=False) as llm:
         double = [o.token_ids for o in llm.generate(token_lists, params)]
         engine = llm.engine
@@ -176,6 +177,9 @@ def test_sampled_and_seeded_outputs_do_not_depend_on_worker_count(tmp_path_facto
     assert parts["all-to-all wait"] >= 0.0 and parts["all-to-all work"] > 0.0
     assert a2a == pytest.approx(engine.comm_time_s / engine.step_time_s)
     assert parts["engine + IPC"] == pytest.approx(max(0.0, engine.overhead_fraction - a2a))
+    # the fastest worker's compute, beside the slowest's: one worker is both
+    assert 0.0 < engine.fastest_compute_time_s < engine.compute_time_s
+    assert 0.0 < alone.fastest_compute_time_s == alone.compute_time_s
 
 
 def _children() -> set[int]:

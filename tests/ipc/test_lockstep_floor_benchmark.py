@@ -20,16 +20,17 @@ def test_lockstep_floor_prints_each_round_in_parts() -> None:
     assert run.returncode == 0, run.stderr
     rows = re.findall(
         r"round (\d): step ([\d.]+) ms, outside compute ([\d.]+)% \(waiting ([\d.]+)%, "
-        r"barrier work ([\d.]+)%\), run-queue wait ([\d.]+)%",
+        r"barrier work ([\d.]+)%\), run-queue wait ([\d.]+)%, compute apart ([\d.]+)%",
         run.stdout,
     )
     assert [r[0] for r in rows] == ["1", "2"], run.stdout
-    for _, step_ms, outside, waiting, work, queued in rows:
+    for _, step_ms, outside, waiting, work, queued, apart in rows:
         # 5 segments of about 1 ms; the parts add up to the share (to rounding)
         assert float(step_ms) >= 4
         assert 0 <= float(waiting) <= float(outside) < 100
         assert abs(float(waiting) + float(work) - float(outside)) <= 0.15
         assert 0 <= float(queued) < 100
+        assert 0 <= float(apart) < 100
 
 
 def test_lockstep_floor_refuses_bad_flags() -> None:
