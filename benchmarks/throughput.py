@@ -16,7 +16,8 @@ of `--hf-batch-sizes` and the fastest is the baseline (on this CPU, batch 64 bea
 25-90%). Prints output tokens/s of both, the ratio, how many greedy tokens agree, and the
 share of step time outside model compute; for steps with at least `--big-batch` (32) requests
 running, with experts across workers, also the slowest worker's all-to-all time in two parts:
-waiting for the others, and the rest (work). Last on each titanserve line, where Linux says
+waiting for the others, and the rest (work), and how far apart the workers' compute is (how
+much less the fastest computed than the slowest). Last on each titanserve line, where Linux says
 (schedstat): the run-queue wait, the largest share of the run that a model thread sat ready to
 run while something else (the engine, a host daemon) had its core; lockstep workers all lose it.
 `--repeat N` runs N rounds of all of that, interleaved (a host whose speed drifts then slows both
