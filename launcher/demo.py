@@ -25,6 +25,7 @@ PROMPTS = (
 )
 MODEL_SPEC = {"family": "smollm2-moe", "experts": 8, "top_k": 2, "noise": 0.0, "seed": 0}
 MARKER = ".titanserve-demo.json"
+DEMO_KV_CACHE_BYTES = 256 << 20
 
 
 def cache_root() -> Path:
@@ -68,7 +69,10 @@ def start_engine(model: Path, num_workers: int, dtype: str):
     from titanserve.core.llm import LLM
     from titanserve.core.sampling_params import SamplingParams
 
-    kwargs = dict(dtype=dtype, max_model_len=1024)
+    # One answer streams at a time: 256 MiB of KV cache a worker (~11k tokens here) is plenty,
+    # where a share of free memory is GBs, all zeroed at start (slowly on a VM, where the
+    # first touch of fresh memory is what costs).
+    kwargs = dict(dtype=dtype, max_model_len=1024, kv_cache_memory=DEMO_KV_CACHE_BYTES)
     if num_workers == 1:
         return LLM(str(model), num_workers=1, **kwargs), 1
     llm = None

@@ -197,6 +197,21 @@ def test_ctrl_c_exits_130_quietly(tiny_llama):
     assert "Traceback" not in stderr and stdout == ""
 
 
+def test_demo_engine_holds_a_small_kv_cache(tiny_llama):
+    """The demo streams one answer at a time: its KV cache is a fixed 256 MiB a worker, not
+    the default share of free memory, which a VM is slow to zero at start."""
+    from titanserve.core.model_runner import kv_bytes_per_block
+    from titanserve.launcher.demo import DEMO_KV_CACHE_BYTES, start_engine
+
+    llm, workers = start_engine(tiny_llama, 1, "float32")
+    with llm:
+        engine = llm.engine
+        assert workers == 1 and engine.config.kv_cache_memory == DEMO_KV_CACHE_BYTES
+        per_block = kv_bytes_per_block(engine.model_config, engine.config.block_size,
+                                       engine.config.torch_dtype)
+        assert engine.num_blocks * per_block <= DEMO_KV_CACHE_BYTES
+
+
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path):
     env = {**os.environ, "TITANSERVE_CACHE": str(tmp_path / "cache")}
