@@ -248,6 +248,11 @@ class Engine:
         output processing (model compute = the slowest worker's, its all-to-alls excluded)."""
         return outside_compute(self.step_time_s, self.compute_time_s)[0]
 
+    @property
+    def workers_compute_apart(self) -> float:
+        """How much less the fastest worker computed than the slowest (see `compute_apart`)."""
+        return compute_apart(self.compute_time_s, self.fastest_compute_time_s)
+
     def overhead_parts(self) -> dict[str, float]:
         """`overhead_fraction` in parts (see `outside_compute`), the all-to-alls being those
         of the slowest worker."""

@@ -255,6 +255,7 @@ class Server:
             step_time_mean_s=engine.step_time_s / engine.num_steps if engine.num_steps else 0.0,
             overhead_fraction=engine.overhead_fraction,
             overhead_parts=engine.overhead_parts(),
+            workers_compute_apart=engine.workers_compute_apart,
         )
 
     def close(self) -> None:

@@ -145,6 +145,8 @@ class StatsReply(Struct):
     overhead_fraction: float  # share of step wall time outside model compute
     # that share in parts (all-to-all wait, all-to-all work, engine + IPC): Engine.overhead_parts
     overhead_parts: dict[str, float] = {}
+    # how much less the fastest worker computed than the slowest: Engine.workers_compute_apart
+    workers_compute_apart: float = 0.0
 
 
 ToScheduler = GenerateRequest | AbortRequest | HealthRequest | StatsRequest

@@ -180,6 +180,9 @@ def test_sampled_and_seeded_outputs_do_not_depend_on_worker_count(tmp_path_facto
     # the fastest worker's compute, beside the slowest's: one worker is both
     assert 0.0 < engine.fastest_compute_time_s < engine.compute_time_s
     assert 0.0 < alone.fastest_compute_time_s == alone.compute_time_s
+    assert engine.workers_compute_apart == pytest.approx(
+        1 - engine.fastest_compute_time_s / engine.compute_time_s)
+    assert engine.workers_compute_apart > 0.0 == alone.workers_compute_apart
 
 
 def _children() -> set[int]:

@@ -235,6 +235,7 @@ def test_health_and_stats(served, client):
     # one worker exchanges nothing: all of the share outside compute is the engine's and IPC's
     assert stats.overhead_parts == {"all-to-all wait": 0.0, "all-to-all work": 0.0,
                                     "engine + IPC": pytest.approx(stats.overhead_fraction)}
+    assert stats.workers_compute_apart == 0.0
 
 
 def test_full_queue_answers_overloaded(tiny_model, tmp_path):

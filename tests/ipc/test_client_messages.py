@@ -71,6 +71,7 @@ TO_CLIENT_SAMPLES = [
         overhead_fraction=0.0625,
         overhead_parts={"all-to-all wait": 0.0125, "all-to-all work": 0.025,
                         "engine + IPC": 0.025},
+        workers_compute_apart=0.0875,
     ),
 ]
 
