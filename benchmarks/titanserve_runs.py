@@ -60,8 +60,8 @@ def run_titanserve(
         outputs = llm.generate([p for p, _ in requests], params)
         elapsed = time.perf_counter() - start
         queued = [run_queue_wait_since(pid, then) for pid, then in zip(pids, before)]
-        big_share, big_parts = outside_compute(*big_batch_totals[:4])
-        wall = big_batch_totals[0]
+        wall, compute, comm, comm_wait, fastest = big_batch_totals
+        big_share, big_parts = outside_compute(wall, compute, comm, comm_wait)
         return {
             "elapsed_s": elapsed,
             "tokens": sum(len(o.token_ids) for o in outputs),
@@ -71,7 +71,7 @@ def run_titanserve(
             # of it, the slowest worker in all-to-alls: waiting for the others, and the rest
             "parts_big_batch": big_parts,
             # how much less the fastest worker computed than the slowest (1 worker: 0)
-            "compute_apart_big_batch": compute_apart(big_batch_totals[1], big_batch_totals[4]),
+            "compute_apart_big_batch": compute_apart(compute, fastest),
             # the most a model thread sat ready to run while something else had its core
             "run_queue_wait": None if None in queued else max(queued) / elapsed,
         }
