@@ -17,7 +17,7 @@ import torch
 
 from titanserve.core.block_manager import BlockManager
 from titanserve.core.config import ModelConfig
-from titanserve.core.engine_config import EngineConfig
+from titanserve.core.engine_config import TWO_BATCH_MIN_SEQS_PER_WORKER, EngineConfig
 from titanserve.core.errors import ConfigError, InvalidRequest
 from titanserve.core.model_runner import kv_bytes_per_block
 from titanserve.core.outputs import RequestOutput, StepDelta
@@ -108,6 +108,9 @@ class Engine:
                 config.max_num_seqs,
                 self.max_model_len,
                 config.num_workers,
+                TWO_BATCH_MIN_SEQS_PER_WORKER * config.num_workers
+                if config.two_batch_overlap
+                else 0,
             ),
             [
                 BlockManager(self.num_blocks, config.block_size, config.enable_prefix_caching)

@@ -18,6 +18,10 @@ if TYPE_CHECKING:
     from titanserve.core.config import ModelConfig
 
 # Accepted dtype names -> torch's name for them (core.config maps these to torch dtypes).
+# With two_batch_overlap, steps of at least this many sequences a worker (on average) run
+# as two micro-batches: below it a step is bound by per-op costs, which splitting doubles.
+TWO_BATCH_MIN_SEQS_PER_WORKER = 8
+
 DTYPE_ALIASES = {
     "float32": "float32",
     "fp32": "float32",
@@ -61,6 +65,10 @@ class EngineConfig:
     # Every N steps, re-place each MoE layer's experts (and copies) by the loads the workers
     # counted since the last time (moe.rebalance); 0: keep the contiguous placement.
     expert_rebalance_steps: int = 0
+    # Run steps of at least TWO_BATCH_MIN_SEQS_PER_WORKER sequences a worker as two micro-
+    # batches, each one's all-to-alls in flight while the other computes (core.model.stages):
+    # a worker that reaches an exchange early computes instead of waiting for the others.
+    two_batch_overlap: bool = False
     sp_threshold: int | None = None
     num_threads: int | None = None  # torch threads per worker on CPU
     # Bind each CPU worker process to its own cores (see core.cpu_cores).
@@ -92,6 +100,8 @@ class EngineConfig:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
             if getattr(self, name) and self.num_workers == 1:
                 raise ConfigError(f"{name} needs num_workers > 1")
+        if self.two_batch_overlap and self.num_workers == 1:
+            raise ConfigError("two_batch_overlap needs num_workers > 1")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ConfigError("num_kv_blocks must be >= 1")
 

@@ -132,12 +132,17 @@ class ModelRunner:
             rows.append(self.block_tables.update(seq))
         if not plan.seqs:
             if self.lockstep:  # join the other workers' collectives with no tokens
-                self.run_model(torch.empty(0, dtype=torch.int64, device=self.device), None)
+                if plan.two_batches:
+                    self._run_overlapped([], [])
+                else:
+                    self.run_model(torch.empty(0, dtype=torch.int64, device=self.device), None)
             return StepResult(
                 step_id=plan.step_id, seqs=[], compute_time_s=time.perf_counter() - t0
             ), None
 
-        if self.decode_graphs is not None and self.decode_graphs.covers(plan.seqs):
+        if plan.two_batches and self.lockstep:
+            hidden, starts = self._run_overlapped(plan.seqs, rows)  # (T, H)
+        elif self.decode_graphs is not None and self.decode_graphs.covers(plan.seqs):
             hidden = self.decode_graphs.run(plan.seqs, rows)  # (B, H)
             starts = range(len(plan.seqs))
         else:
@@ -196,16 +201,29 @@ class ModelRunner:
 
     def run_model(self, token_ids: torch.Tensor, meta: AttentionMetadata | None) -> torch.Tensor:
         if meta is None:
-            meta = AttentionMetadata(
-                positions=token_ids,
-                slot_blocks=token_ids,
-                slot_offsets=token_ids,
-                num_decode_tokens=0,
-                decode_block_tables=torch.empty(0, 1, dtype=torch.int32),
-                decode_context_lens=torch.empty(0, dtype=torch.int32),
-                prefills=[],
-            )
+            meta = _no_tokens_metadata(token_ids)
         return self.model(token_ids, meta, self.k_caches, self.v_caches)
+
+    def _run_overlapped(
+        self, seqs: list[SeqPlan], rows: list[int]
+    ) -> tuple[torch.Tensor, list[int]]:
+        """Run the step as two micro-batches of about half its tokens each (sequences kept
+        whole and in order, either may be empty), one's all-to-alls in flight while the other
+        computes. Returns the (T, H) hidden states and each sequence's first row, as one
+        batch would."""
+        half = split_in_halves([len(s.token_ids) for s in seqs])
+        batches, starts, offset = [], [], 0
+        for part, part_rows in ((seqs[:half], rows[:half]), (seqs[half:], rows[half:])):
+            if not part:
+                no_tokens = torch.empty(0, dtype=torch.int64, device=self.device)
+                batches.append((no_tokens, _no_tokens_metadata(no_tokens)))
+                continue
+            token_ids, meta, part_starts = self._prepare(part, part_rows)
+            batches.append((token_ids, meta))
+            starts += [offset + start for start in part_starts]
+            offset += token_ids.shape[0]
+        hidden = self.model.forward_overlapped(batches, self.k_caches, self.v_caches)
+        return torch.cat(hidden), starts  # (T, H)
 
     # ------------------------------------------------------------------ inputs
     def _prepare(
@@ -265,3 +283,28 @@ class ModelRunner:
             decode_rows=in_place,
         )
         return torch.tensor(token_ids, dtype=torch.int64, device=dev), meta, starts
+
+
+def split_in_halves(num_tokens: list[int]) -> int:
+    """Where to cut a step's sequences (each `num_tokens[i]` long, kept whole) into two
+    micro-batches: the cut whose larger side has the fewest tokens (the first such)."""
+    total, before, best, best_larger = sum(num_tokens), 0, 0, sum(num_tokens)
+    for i, n in enumerate(num_tokens):
+        before += n
+        larger = max(before, total - before)
+        if larger < best_larger:
+            best, best_larger = i + 1, larger
+    return best
+
+
+def _no_tokens_metadata(token_ids: torch.Tensor) -> AttentionMetadata:
+    """Attention metadata for a batch of no tokens (a worker joining the collectives)."""
+    return AttentionMetadata(
+        positions=token_ids,
+        slot_blocks=token_ids,
+        slot_offsets=token_ids,
+        num_decode_tokens=0,
+        decode_block_tables=torch.empty(0, 1, dtype=torch.int32),
+        decode_context_lens=torch.empty(0, dtype=torch.int32),
+        prefills=[],
+    )

@@ -98,7 +98,7 @@ class MultiProcExecutor:
         num_blocks: int,
         max_model_len: int,
     ) -> None:
-        for name in ("num_redundant_experts", "expert_rebalance_steps"):
+        for name in ("num_redundant_experts", "expert_rebalance_steps", "two_batch_overlap"):
             if getattr(config, name) and not model_cfg.num_experts:
                 raise ConfigError(f"{name} needs a mixture-of-experts model")
         try:  # the placement the workers will build checks the expert counts

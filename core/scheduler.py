@@ -25,6 +25,9 @@ class SchedulerConfig:
     max_num_seqs: int = 256  # running requests per worker
     max_model_len: int = 4096
     num_workers: int = 1
+    # Steps that run at least this many sequences (all workers) go as two micro-batches, one's
+    # all-to-alls in flight while the other computes (StepPlan.two_batches); 0: never.
+    two_batch_min_seqs: int = 0
 
 
 @dataclass
@@ -239,8 +242,11 @@ class Scheduler:
                 )
             )
             r.num_sent_blocks = len(r.block_ids)
+        least = self.config.two_batch_min_seqs
+        two_batches = 0 < least <= len(scheduled)
         plans = [
-            StepPlan(step_id=self.step_id, seqs=seqs, finished_ids=list(self._finished_ids[w]))
+            StepPlan(step_id=self.step_id, seqs=seqs, finished_ids=list(self._finished_ids[w]),
+                     two_batches=two_batches)  # fmt: skip
             for w, seqs in enumerate(per_worker)
         ]
         if scheduled:  # an empty step is not sent: its finished ids wait for the next one

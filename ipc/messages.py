@@ -188,6 +188,9 @@ class StepPlan(Struct):
     step_id: int
     seqs: list[SeqPlan]
     finished_ids: list[str] = []  # requests whose worker-side state can be dropped
+    # Run the step as two micro-batches, each one's all-to-alls in flight while the other
+    # computes (core.model.stages); the same on every worker's plan of a step.
+    two_batches: bool = False
 
 
 class SeqResult(Struct):

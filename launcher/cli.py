@@ -134,6 +134,14 @@ def _engine_flags() -> argparse.ArgumentParser:
         type=non_negative_int,
         help="every N steps, re-place experts by the loads seen (0: never, the default)",
     )
+    g.add_argument(
+        "--two-batch-overlap",
+        action="store_const",
+        const=True,
+        default=None,
+        help="run big MoE steps as two micro-batches, one's all-to-alls in flight while the "
+        "other computes",
+    )
     g.add_argument("--sp-threshold", type=positive_int, help="prompt length for sequence parallel")
     g.add_argument("--num-threads", type=positive_int, help="torch threads per worker (CPU)")
     g.add_argument(

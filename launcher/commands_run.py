@@ -24,6 +24,7 @@ ENGINE_FIELDS = (
     "comm",
     "num_redundant_experts",
     "expert_rebalance_steps",
+    "two_batch_overlap",
     "sp_threshold",
     "num_threads",
     "bind_cpu_cores",

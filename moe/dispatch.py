@@ -19,6 +19,7 @@ from functools import partial
 
 import torch
 
+from titanserve.core.model.stages import Staged, finish
 from titanserve.ipc.collectives import Collective
 from titanserve.moe.balance import PairDestinations
 
@@ -45,24 +46,33 @@ class ExpertParallel:
 
     def _all_to_all(
         self, parts: list[torch.Tensor], meanwhile: Callable[[], torch.Tensor] | None = None
-    ) -> tuple[torch.Tensor, list[int], torch.Tensor | None]:
+    ) -> Staged[tuple[torch.Tensor, list[int], torch.Tensor | None]]:
         """(what every worker sent here, concatenated in rank order; rows from each; what
-        `meanwhile()` returned). `meanwhile()` runs once this worker's parts are sent, before
-        it waits for the others' (its time is compute, not communication)."""
-        t0, waited = time.perf_counter(), self.collective.peer_wait_s
+        `meanwhile()` returned). `meanwhile()` runs once this worker's parts are sent; then
+        it yields (another micro-batch computes, see `core.model.stages`) before it waits
+        for the others' parts. Time in between is compute, not communication."""
+        t0 = time.perf_counter()
         pending = self.collective.all_to_all_cat_start(parts)
-        t1, extra = time.perf_counter(), None
+        self.comm_time_s += time.perf_counter() - t0
+        extra = None
         try:
             if meanwhile is not None:
                 extra = meanwhile()
-        finally:  # receive even if it failed: the others have sent, the collective stays in step
-            t0 += time.perf_counter() - t1
-            out, counts = pending.wait()
+        except BaseException:  # receive all the same: the others have sent, stay in step
+            pending.wait()
+            raise
+        yield
+        t0, waited = time.perf_counter(), self.collective.peer_wait_s
+        out, counts = pending.wait()
         self.comm_time_s += time.perf_counter() - t0
         self.comm_wait_s += self.collective.peer_wait_s - waited
         return out, counts, extra
 
-    def __call__(
+    def __call__(self, *args, **kwargs) -> torch.Tensor:
+        """`stages`, run alone."""
+        return finish(self.stages(*args, **kwargs))
+
+    def stages(
         self,
         x: torch.Tensor,  # (T, H)
         weights: torch.Tensor,  # (T, K) router weights
@@ -71,10 +81,11 @@ class ExpertParallel:
         destinations: PairDestinations,  # the layer's: which worker computes each pair
         shared: Callable[[torch.Tensor], torch.Tensor] | None = None,
         expert_counts: torch.Tensor | None = None,  # (E,) pairs of each expert, if counted
-    ) -> torch.Tensor:
+    ) -> Staged[torch.Tensor]:
         """The experts' weighted sum for each token, plus `shared(x)` (a shared expert): that
         one is computed while the dispatch is in flight, so that a worker that is early at the
-        exchange computes instead of waiting for the others."""
+        exchange computes instead of waiting for the others. A staged forward: it yields with
+        each exchange in flight."""
         T, K = ids.shape
         W, H = self.collective.world_size, x.shape[1]
         dest = destinations(ids, expert_counts)  # (T, K) worker of each pair
@@ -100,7 +111,7 @@ class ExpertParallel:
                 0, token_of_row)  # (M, H + 2K)
             if theirs is not None:
                 rows[:, H : H + K].masked_fill_(theirs, -1)
-            received, recv_counts, shared_out = self._all_to_all(
+            received, recv_counts, shared_out = yield from self._all_to_all(
                 list(rows.split(send_counts)), meanwhile
             )  # (N, H + 2K)
             rx, rids, rweights = received[:, :H], received[:, H : H + K], received[:, H + K :]
@@ -108,14 +119,14 @@ class ExpertParallel:
             meta = torch.cat([ids.float(), weights.float()], dim=1).index_select(0, token_of_row)
             if theirs is not None:
                 meta[:, :K].masked_fill_(theirs, -1)  # (M, 2K)
-            rx, recv_counts, shared_out = self._all_to_all(
+            rx, recv_counts, shared_out = yield from self._all_to_all(
                 list(x.index_select(0, token_of_row).split(send_counts)), meanwhile
             )  # (N, H)
-            rmeta, _, _ = self._all_to_all(list(meta.split(send_counts)))  # (N, 2K)
+            rmeta, _, _ = yield from self._all_to_all(list(meta.split(send_counts)))  # (N, 2K)
             rids, rweights = rmeta[:, :K], rmeta[:, K:]
         # (N, H): each row's local pairs, weighted and summed (in fp32, rounded once)
         expert_out = compute(rx, rweights, rids.long())
-        back, _, _ = self._all_to_all(list(expert_out.split(recv_counts)))  # (M, H)
+        back, _, _ = yield from self._all_to_all(list(expert_out.split(recv_counts)))  # (M, H)
         # the sum over workers runs in fp32, as the top-k sum in the grouped compute
         out = torch.zeros(T, H, dtype=torch.float32, device=x.device)  # (T, H)
         out.index_add_(0, token_of_row, back.float())

@@ -15,6 +15,7 @@ from torch import nn
 
 from titanserve.core.config import ModelConfig
 from titanserve.core.model.layers import GatedMLP
+from titanserve.core.model.stages import Staged, finish
 from titanserve.kernels import ops
 from titanserve.moe.balance import PairDestinations
 from titanserve.moe.placement import ExpertPlacement, slot_map, with_no_expert
@@ -77,6 +78,11 @@ class MoELayer(nn.Module):
         self.destinations = PairDestinations(placement, self.expert_map.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (T, H) -> (T, H)
+        return finish(self.stages(x))
+
+    def stages(self, x: torch.Tensor) -> Staged[torch.Tensor]:  # (T, H) -> (T, H)
+        """The forward, staged (see `core.model.stages`): it yields with each exchange of an
+        expert-parallel layer in flight."""
         router_logits = ops.linear(x, self.gate)  # (T, E)
         weights, ids = route(self.cfg, router_logits)  # (T, K) fp32, (T, K) int32
         weights = weights.to(x.dtype)
@@ -86,8 +92,9 @@ class MoELayer(nn.Module):
             self.expert_load += counts
         shared = self.shared_output if self.shared_expert is not None else None
         if self.exchange is not None:  # the shared expert runs while the dispatch is in flight
-            return self.exchange(x, weights, ids, self.compute_experts, self.destinations,
-                                 shared, counts)
+            return (yield from self.exchange.stages(
+                x, weights, ids, self.compute_experts, self.destinations, shared, counts
+            ))
         out = self.compute_experts(x, weights, ids)
         return out if shared is None else out + shared(x)
 

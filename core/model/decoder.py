@@ -10,6 +10,7 @@ from titanserve.core.config import ModelConfig
 from titanserve.core.model.attention import Attention, AttentionMetadata
 from titanserve.core.model.layers import GatedMLP, RMSNorm
 from titanserve.core.model.rope import cos_sin_table
+from titanserve.core.model.stages import Staged, finish, interleave
 from titanserve.kernels import ops
 from titanserve.moe.layer import MoELayer
 from titanserve.moe.placement import ExpertPlacement
@@ -27,6 +28,10 @@ class DecoderLayer(nn.Module):
             self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x, residual, meta, k_cache, v_cache, rope):
+        return finish(self.stages(x, residual, meta, k_cache, v_cache, rope))
+
+    def stages(self, x, residual, meta, k_cache, v_cache, rope):
+        """The forward, staged (see `core.model.stages`): returns (output, residual)."""
         if residual is None:
             residual = x
             x = self.input_layernorm(x)
@@ -34,7 +39,11 @@ class DecoderLayer(nn.Module):
             x, residual = self.input_layernorm(x, residual)
         x = self.self_attn(x, meta, k_cache, v_cache, rope)
         x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
+        if isinstance(self.mlp, MoELayer):
+            x = yield from self.mlp.stages(x)
+        else:
+            x = self.mlp(x)
+        return x, residual
 
 
 class DecoderModel(nn.Module):
@@ -68,12 +77,33 @@ class DecoderModel(nn.Module):
         meta: AttentionMetadata,
         k_caches: torch.Tensor,  # (L, num_blocks, block_size, Hk, D)
         v_caches: torch.Tensor,  # (L, num_blocks, block_size, Hk, D)
-    ) -> torch.Tensor:
+    ) -> torch.Tensor:  # (T, H)
+        return finish(self.stages(token_ids, meta, k_caches, v_caches))
+
+    def forward_overlapped(
+        self,
+        batches: list[tuple[torch.Tensor, AttentionMetadata]],  # (token ids, metadata) each
+        k_caches: torch.Tensor,
+        v_caches: torch.Tensor,
+    ) -> list[torch.Tensor]:  # (T_i, H) each
+        """The forward of two micro-batches, each one's exchanges in flight while the other
+        computes (see `core.model.stages`)."""
+        return interleave([self.stages(t, meta, k_caches, v_caches) for t, meta in batches])
+
+    def stages(
+        self,
+        token_ids: torch.Tensor,  # (T,) int64
+        meta: AttentionMetadata,
+        k_caches: torch.Tensor,  # (L, num_blocks, block_size, Hk, D)
+        v_caches: torch.Tensor,  # (L, num_blocks, block_size, Hk, D)
+    ) -> Staged[torch.Tensor]:  # (T, H)
+        """The forward, staged (see `core.model.stages`)."""
         x = F.embedding(token_ids, self.embed_tokens)  # (T, H)
         residual = None
         rope = self.cos_sin if self.rotations is None else self.rotations
         for i, layer in enumerate(self.layers):
-            x, residual = layer(x, residual, meta, k_caches[i], v_caches[i], rope)
+            x, residual = yield from layer.stages(x, residual, meta, k_caches[i], v_caches[i],
+                                                  rope)  # fmt: skip
         if residual is None:  # no layers
             return self.norm(x)
         x, _ = self.norm(x, residual)

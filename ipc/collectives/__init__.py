@@ -36,9 +36,9 @@ class PendingAllToAll:
         self._result, self._finish = result, finish  # the result, or what receives it
 
     def wait(self) -> tuple[torch.Tensor, list[int]]:
-        if self._finish is not None:
-            finish, self._finish = self._finish, None
-            self._result = finish()
+        if self._finish is not None:  # cleared once it has received (not if it raised)
+            self._result = self._finish()
+            self._finish = None
         return self._result
 
 
@@ -68,8 +68,10 @@ class Collective(ABC):
 
     def all_to_all_cat_start(self, send: list[torch.Tensor]) -> PendingAllToAll:
         """`all_to_all_cat` in two halves: this sends, `.wait()` on the result receives. In
-        between the caller may compute (what MoE layers overlap with the exchange) but may
-        call no other collective. Backends that cannot split an op run it whole here."""
+        between the caller may compute (what MoE layers overlap with the exchange) and start
+        one more (two micro-batches, see `core.model.stages`), but may call no other
+        collective; waits go in the order of the starts. Backends that cannot split an op
+        run it whole here."""
         return PendingAllToAll(result=self.all_to_all_cat(send))
 
     @abstractmethod

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import struct
 import time
+from collections import deque
 
 import torch
 import zmq
@@ -44,6 +45,8 @@ _OP_NAMES = ("hello", "all_to_all_v", "all_gather", "ring_send_recv", "barrier",
 _INLINE_MAX_BYTES = 128 << 10  # up to this, one frame (a copy) beats shared memory + ack
 _ZMQ_COPY_BELOW_BYTES = 256 << 10  # below this a copy beats zero-copy's release bookkeeping
 _EMPTY = torch.empty(0, dtype=torch.uint8)
+# all_to_all_cat_start ops in flight at once: two slots per peer take a sender one op ahead
+MAX_IN_FLIGHT = 2
 _HELLO_BODY = struct.Struct("<IB")  # world size, whether the sender made its slot region
 
 class ZmqMeshCollective(Collective):
@@ -85,7 +88,7 @@ class ZmqMeshCollective(Collective):
         self._slots: ShmSlots | None = None
         self._borrowed: list[tuple[int, int]] = []  # (src, seq) of slots read, not yet released
         self._broken = False  # after WorkerLost, close() drops unsent messages at once
-        self._pending = False  # an all_to_all_cat_start not yet waited for
+        self._in_flight: deque[int] = deque()  # seqs of all_to_all_cat_starts not waited for
         self._socket_dir = socket_dir if addresses is None else None
         self._endpoints: list[str] = []
         if world_size == 1:
@@ -218,13 +221,15 @@ class ZmqMeshCollective(Collective):
         return self._receive(op, sources, *self._send(op, sends))
 
     def _send(
-        self, op: int, sends: list[tuple[int, bytes, torch.Tensor]]
+        self, op: int, sends: list[tuple[int, bytes, torch.Tensor]], started: bool = False
     ) -> tuple[int, float, list]:
         """`_exchange`'s first half: queue the messages of a new op; returns (its sequence
-        number, its deadline, trackers of zero-copy sends still reading their tensors)."""
-        if self._pending:
+        number, its deadline, trackers of zero-copy sends still reading their tensors).
+        `started`: an all_to_all_cat_start, which may go while others are in flight."""
+        if self._in_flight and (not started or len(self._in_flight) >= MAX_IN_FLIGHT):
             raise RuntimeError(
-                "an all_to_all_cat_start is still pending on this mesh: call its wait() first"
+                f"{len(self._in_flight)} all_to_all_cat_start(s) still pending on this mesh: "
+                "call wait() first"
             )
         # Only acks need draining (an early message waits for its op's receive), and asking
         # ZeroMQ costs ~50 µs in a model step (cold caches): ask only when an ack is due.
@@ -346,12 +351,15 @@ class ZmqMeshCollective(Collective):
             ctypes.memmove(tensor.data_ptr(), address, tensor.nbytes)
         return tensor
 
-    def _send_all_to_all(self, send: list[torch.Tensor]) -> tuple[list[int], tuple]:
+    def _send_all_to_all(
+        self, send: list[torch.Tensor], started: bool = False
+    ) -> tuple[list[int], tuple]:
         """Send an all-to-all's messages; returns (the peers, what `_receive` takes next)."""
         if len(send) != self.world_size:
             raise ValueError(f"all_to_all_v needs {self.world_size} tensors, got {len(send)}")
         peers = self._peers()
-        return peers, self._send(_ALL_TO_ALL, [(dst, *wire(send[dst])) for dst in peers])
+        return peers, self._send(_ALL_TO_ALL, [(dst, *wire(send[dst])) for dst in peers],
+                                 started)  # fmt: skip
 
     def all_to_all_v(self, send: list[torch.Tensor]) -> list[torch.Tensor]:
         """See `Collective.all_to_all_v`."""
@@ -374,20 +382,23 @@ class ZmqMeshCollective(Collective):
 
     def all_to_all_cat_start(self, send: list[torch.Tensor]) -> PendingAllToAll:
         """See `Collective.all_to_all_cat_start`: the messages are queued (in the peers' slots
-        on one host) before it returns; `wait()` receives. No other op may run in between."""
+        on one host) before it returns; `wait()` receives. Up to `MAX_IN_FLIGHT` may be in
+        flight, waited for in the order they started; no other op may run in between."""
         if len(send) == self.world_size and not send[self.rank].is_cpu:
             parts = self.all_to_all_v(send)
             return PendingAllToAll(result=(torch.cat(parts), [p.shape[0] for p in parts]))
-        peers, sent = self._send_all_to_all(send)
-        self._pending = True
+        peers, sent = self._send_all_to_all(send, started=True)
+        self._in_flight.append(sent[0])
         # NOTE: `send` stays referenced until wait(): zero-copy sends may still read it.
         return PendingAllToAll(finish=lambda: self._finish_cat(send, peers, sent))
 
     def _finish_cat(
         self, send: list[torch.Tensor], peers: list[int], sent: tuple
     ) -> tuple[torch.Tensor, list[int]]:
+        if self._in_flight[0] != sent[0]:
+            raise RuntimeError("all_to_all_cat_start ops must be waited for in the order started")
         try:
-            self._pending = False
+            self._in_flight.popleft()
             received = self._receive(_ALL_TO_ALL, peers, *sent)
             mine = send[self.rank].contiguous()
             parts = []  # (rows, address, owner) in rank order

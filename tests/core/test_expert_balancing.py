@@ -60,3 +60,8 @@ def test_redundant_experts_are_loaded_and_bounded(tmp_path_factory):
     with pytest.raises(ConfigError, match="expert_rebalance_steps needs a mixture-of-experts"):
         LLM(tiny("llama", tmp_path_factory), num_workers=2, expert_rebalance_steps=5,
             progress=False)
+    with pytest.raises(ConfigError, match="two_batch_overlap needs num_workers > 1"):
+        LLM(path, two_batch_overlap=True, progress=False)
+    with pytest.raises(ConfigError, match="two_batch_overlap needs a mixture-of-experts"):
+        LLM(tiny("llama", tmp_path_factory), num_workers=2, two_batch_overlap=True,
+            progress=False)

@@ -60,3 +60,4 @@ def test_placement_skips_a_worker_at_max_num_seqs_even_with_a_cached_prefix():
     out = run_step(scheduler)
     assert scheduler.requests["c"].worker == 1
     assert out.plans[1].seqs[0].start_pos == 0
+

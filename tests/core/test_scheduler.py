@@ -23,8 +23,11 @@ def make_scheduler(
     max_model_len: int = 1024,
     num_workers: int = 1,
     enable_prefix_caching: bool = True,
+    two_batch_min_seqs: int = 0,
 ) -> Scheduler:
-    config = SchedulerConfig(max_num_batched_tokens, max_num_seqs, max_model_len, num_workers)
+    config = SchedulerConfig(
+        max_num_batched_tokens, max_num_seqs, max_model_len, num_workers, two_batch_min_seqs
+    )
     return Scheduler(
         config,
         [

@@ -141,8 +141,22 @@ def exercise(rank: int, coll: Collective, die_rank: int | None) -> dict[str, Any
             result["op_while_pending"] = None
         except RuntimeError as exc:
             result["op_while_pending"] = str(exc)
+    # a second one in flight (two micro-batches); a third, or waits out of order, refused
+    second = coll.all_to_all_cat_start([3 * _a2a_payload(rank, dst, torch.float32)
+                                        for dst in range(world)])  # fmt: skip
+    if isinstance(coll, ZmqMeshCollective):
+        refused = []
+        for attempt in (lambda: coll.all_to_all_cat_start([torch.ones(1, 3)] * world),
+                        second.wait):  # fmt: skip
+            try:
+                attempt()
+                refused.append(None)
+            except RuntimeError as exc:
+                refused.append(str(exc))
+        result["third_and_out_of_order"] = refused
     split, split_counts = pending.wait()
     result["a2a_cat_split"] = (split.tolist(), split_counts, pending.wait()[0] is split)
+    result["a2a_cat_second"] = second.wait()[0].tolist()
     strided = [_strided(_a2a_payload(rank, dst, torch.bfloat16)) for dst in range(world)]
     result["a2a_cat_bf16_strided"] = coll.all_to_all_cat(strided)[0].float().tolist()
     if isinstance(coll, ZmqMeshCollective):  # a peer's part of another dtype: a clear error
@@ -222,8 +236,13 @@ def check_results(results: dict[int, Any], world: int, die_rank: int | None) -> 
             torch.cat([2 * _a2a_payload(src, rank, torch.float32) for src in range(world)])
             .tolist(), [_split_rows(src, rank) for src in range(world)], True
         )  # fmt: skip
+        assert res["a2a_cat_second"] == torch.cat(
+            [3 * _a2a_payload(src, rank, torch.float32) for src in range(world)]).tolist()
         if "op_while_pending" in res:
-            assert "all_to_all_cat_start is still pending" in res["op_while_pending"]
+            assert "1 all_to_all_cat_start(s) still pending" in res["op_while_pending"]
+            third, out_of_order = res["third_and_out_of_order"]
+            assert "2 all_to_all_cat_start(s) still pending" in third
+            assert "waited for in the order started" in out_of_order
         expected_bf16 = [_a2a_payload(src, rank, torch.bfloat16) for src in range(world)]
         assert res["a2a_cat_bf16_strided"] == torch.cat(expected_bf16).float().tolist()
         if "a2a_cat_mismatch" in res:
