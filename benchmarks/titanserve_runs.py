@@ -124,7 +124,7 @@ def titanserve_configs(workers: list[int], args: argparse.Namespace) -> list[tup
         return f"titanserve ({w} worker{'s' * (w > 1)}{', ' + note if note else ''})"
 
     configs = [(label(w), w, {}) for w in workers]
-    # with several workers: copies of experts, expert re-placement, and both
+    # with several workers: copies of experts, expert re-placement, both; two-batch overlap
     variants = [({"num_redundant_experts": r}, f"{r} redundant expert{'s' * (r > 1)}")
                 for r in args.redundant_experts]
     if args.expert_rebalance_steps:
@@ -132,6 +132,8 @@ def titanserve_configs(workers: list[int], args: argparse.Namespace) -> list[tup
         variants += [({**options, "expert_rebalance_steps": steps},
                       f"{note + ', ' if note else ''}rebalanced every {steps}")
                      for options, note in [({}, ""), *variants]]
+    if getattr(args, "two_batch_overlap", False):
+        variants.append(({"two_batch_overlap": True}, "two-batch overlap"))
     configs += [(label(w, note), w, options) for options, note in variants
                 for w in workers if w > 1]
     if args.eager_too and args.device == "cuda":
