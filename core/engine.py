@@ -19,6 +19,7 @@ from titanserve.core.block_manager import BlockManager
 from titanserve.core.config import ModelConfig
 from titanserve.core.engine_config import TWO_BATCH_MIN_SEQS_PER_WORKER, EngineConfig
 from titanserve.core.errors import ConfigError, InvalidRequest
+from titanserve.core.model.kv_cache import kv_cache_dtype
 from titanserve.core.model_runner import kv_bytes_per_block
 from titanserve.core.outputs import RequestOutput, StepDelta
 from titanserve.core.request import Request
@@ -84,7 +85,8 @@ class Engine:
         cfg = self.model_config
         self.max_model_len = config.resolve_max_model_len(cfg)
         device = config.resolve_device(0)
-        per_block = kv_bytes_per_block(cfg, config.block_size, config.torch_dtype)
+        cache_dtype = kv_cache_dtype(config.kv_cache_dtype, device, config.torch_dtype)
+        per_block = kv_bytes_per_block(cfg, config.block_size, cache_dtype)
         self.num_blocks = config.resolve_num_blocks(per_block, self.max_model_len, device)
         # NOTE: one worker's cache must hold a whole request (until long prompts are sharded
         # across workers), so the context is capped to it and no request can outgrow it.

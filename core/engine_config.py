@@ -51,6 +51,9 @@ class EngineConfig:
     block_size: int = 16
     kv_cache_memory: float | None = None  # bytes (> 1) or fraction of free memory (<= 1)
     num_kv_blocks: int | None = None  # exact block count per worker (overrides the above)
+    # "auto": fp32 on CPU (decode attention reads it in place, core.model.kv_cache), the
+    # model's dtype on GPU; or float32 / bfloat16 / float16.
+    kv_cache_dtype: str = "auto"
     enable_prefix_caching: bool = True
     # Plan step t+1 while step t runs (worker processes only): workers go from one step to
     # the next without waiting for the scheduler. A request that eos or a stop string ends
@@ -87,6 +90,9 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         canonical_dtype_name(self.dtype)
+        if self.kv_cache_dtype != "auto" and self.kv_cache_dtype not in DTYPE_ALIASES:
+            raise ConfigError(f"kv_cache_dtype must be auto, float32, bfloat16 or float16, "
+                              f"got {self.kv_cache_dtype!r}")
         positive = ["num_workers", "max_num_batched_tokens", "max_num_seqs", "block_size"]
         for name in positive:
             if getattr(self, name) < 1:

@@ -48,6 +48,7 @@ class InProcessExecutor:
             device=device,
             seed=config.seed,
             progress=config.progress,
+            kv_cache_dtype=config.kv_cache_dtype,
         )
         if config.uses_decode_graphs(device):
             self.runner.capture_decode_graphs(config.max_num_seqs, progress=config.progress)

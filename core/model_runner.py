@@ -20,6 +20,7 @@ from titanserve.core.cuda_graphs import DecodeGraphs
 from titanserve.core.model.attention import AttentionMetadata, PrefillChunk
 from titanserve.core.model.decoder import DecoderModel
 from titanserve.core.model.kv_cache import allocate_kv_caches, key_pages
+from titanserve.core.model.kv_cache import kv_cache_dtype as resolve_kv_cache_dtype
 from titanserve.core.model.loader import load_weights
 from titanserve.core.model.rotary_layout import interleave_rotary_pairs
 from titanserve.core.sampler import Sampler, SamplingState
@@ -51,6 +52,7 @@ class ModelRunner:
         device: torch.device | None = None,
         seed: int = 0,
         progress: bool = True,
+        kv_cache_dtype: str = "auto",  # see core.model.kv_cache.kv_cache_dtype
     ) -> None:
         device = device or torch.device("cpu")
         if device.type == "cpu":
@@ -74,8 +76,8 @@ class ModelRunner:
         pack_expert_weights(self.model)  # and experts, one packed matrix per expert
         use_input_major_experts(self.model)  # or, where oneDNN cannot, the layout BLAS reads
         self.k_caches, self.v_caches = allocate_kv_caches(
-            cfg.num_layers, cfg.num_kv_heads, self.num_blocks, block_size, cfg.head_dim, dtype,
-            device,
+            cfg.num_layers, cfg.num_kv_heads, self.num_blocks, block_size, cfg.head_dim,
+            resolve_kv_cache_dtype(kv_cache_dtype, device, dtype), device,
         )  # each (L, num_blocks + 1, block_size, Hk, D)
         # CPU fp32 caches keep keys page-transposed: decode then reads them in place.
         self.decode_in_place = cfg.num_layers > 0 and key_pages(self.k_caches[0]) is not None

@@ -104,6 +104,7 @@ def worker_main(run_dir: str, rank: int, cores: list[int] | None = None) -> None
             device=device,
             seed=config.seed + rank,
             progress=config.progress and rank == 0,
+            kv_cache_dtype=config.kv_cache_dtype,
         )
         experts = 0
         exchange = ExpertParallel(collective)  # shared by every MoE layer

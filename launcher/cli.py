@@ -109,6 +109,12 @@ def _engine_flags() -> argparse.ArgumentParser:
     )
     g.add_argument("--num-kv-blocks", type=positive_int, help="exact KV blocks per worker")
     g.add_argument(
+        "--kv-cache-dtype",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="auto (default): float32 on CPU, where decode attention reads it in place; the "
+        "model's dtype on GPU",
+    )
+    g.add_argument(
         "--no-prefix-caching",
         dest="enable_prefix_caching",
         action="store_const",

@@ -19,6 +19,7 @@ ENGINE_FIELDS = (
     "block_size",
     "kv_cache_memory",
     "num_kv_blocks",
+    "kv_cache_dtype",
     "enable_prefix_caching",
     "async_scheduling",
     "comm",

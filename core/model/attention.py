@@ -96,6 +96,8 @@ class Attention(nn.Module):
         else:
             ops.rotary(q, k, meta.positions, rope)
 
+        if k_cache.dtype != x.dtype:  # attention runs in the cache's dtype (fp32 on CPU)
+            q, k, v = q.to(k_cache.dtype), k.to(k_cache.dtype), v.to(k_cache.dtype)
         slots = (meta.slot_blocks, meta.slot_offsets)
         k_cache.index_put_(slots, k)  # in place whatever the memory order
         v_cache.index_put_(slots, v)
@@ -132,4 +134,5 @@ class Attention(nn.Module):
                 q_offset=chunk.context_len - chunk.num_tokens,
                 scale=self.scale,
             )[0]
-        return ops.linear(out.view(T, self.q_size), self.o_weight, self.o_bias)  # (T, H)
+        out = out.view(T, self.q_size).to(x.dtype)
+        return ops.linear(out, self.o_weight, self.o_bias)  # (T, H)

@@ -4,13 +4,26 @@ That logical shape is the design's; the memory order under it is chosen for the 
 read it. Both are head-major (kv head outermost), so one kv head's pages are the rows of one
 matrix. On CPU with fp32, keys are also page-transposed, (Hk, num_blocks, D, block_size): a
 page's score against a query is then a weighted sum of its D rows, which lets decode
-attention read the cache in place (`kernels.paged_decode_rows`). Every other reader works
-through the logical view's strides.
+attention read the cache in place (`kernels.paged_decode_rows`); so on CPU the cache is fp32
+by default for bf16 and fp16 models too (`kv_cache_dtype`). Every other reader works through
+the logical view's strides.
 """
 
 from __future__ import annotations
 
 import torch
+
+
+def kv_cache_dtype(name: str, device: torch.device, model_dtype: torch.dtype) -> torch.dtype:
+    """The cache's dtype for `--kv-cache-dtype name`. "auto": fp32 on CPU whatever the model's
+    dtype, where decode attention then reads the cache in place (`kernels.paged_decode_rows`:
+    0.7 ms against 5.1 ms for gathering bf16 pages, 32 sequences of 150 tokens, 9 query heads)
+    and computes in fp32, for twice a bf16 cache's memory a token; else the model's dtype."""
+    from titanserve.core.config import parse_dtype
+
+    if name == "auto":
+        return torch.float32 if device.type == "cpu" else model_dtype
+    return parse_dtype(name)
 
 
 def keys_transposed(device: torch.device, dtype: torch.dtype) -> bool:

@@ -144,12 +144,13 @@ def test_engine_flags_become_llm_keywords_and_only_those_given():
     parse = build_parser().parse_args
     flags = ["--no-bind-cpu-cores", "--num-threads", "3", "--no-async-scheduling", "--warmup",
              "--enforce-eager", "--worker-processes", "--num-redundant-experts", "2",
-             "--expert-rebalance-steps", "100", "--two-batch-overlap"]
+             "--expert-rebalance-steps", "100", "--two-batch-overlap", "--kv-cache-dtype",
+             "bfloat16"]
     args = parse(["generate", "m", "--prompt", "x", *flags])
     assert engine_kwargs(args) == {
         "bind_cpu_cores": False, "num_threads": 3, "async_scheduling": False, "warmup": True,
         "enforce_eager": True, "worker_processes": True, "num_redundant_experts": 2,
-        "expert_rebalance_steps": 100, "two_batch_overlap": True,
+        "expert_rebalance_steps": 100, "two_batch_overlap": True, "kv_cache_dtype": "bfloat16",
     }  # fmt: skip
     assert engine_kwargs(parse(["generate", "m", "--prompt", "x", "--no-warmup",
                                 "--no-worker-processes"])) == {
