@@ -71,13 +71,8 @@ class DecoderModel(nn.Module):
         # (core.model.rotary_layout); the layers then take it instead of cos_sin
         self.register_buffer("rotations", None, persistent=False)
 
-    def forward(
-        self,
-        token_ids: torch.Tensor,  # (T,) int64
-        meta: AttentionMetadata,
-        k_caches: torch.Tensor,  # (L, num_blocks, block_size, Hk, D)
-        v_caches: torch.Tensor,  # (L, num_blocks, block_size, Hk, D)
-    ) -> torch.Tensor:  # (T, H)
+    def forward(self, token_ids, meta, k_caches, v_caches) -> torch.Tensor:
+        """(T, H) hidden states: `stages` run alone."""
         return finish(self.stages(token_ids, meta, k_caches, v_caches))
 
     def forward_overlapped(
