@@ -6,6 +6,7 @@
                                     [--zoo-size] [--repeat N] [--eager-too] [--process-ab]
                                     [--big-batch 32] [--smollm2-moe] [--redundant-experts N]
                                     [--expert-rebalance-steps N] [--two-batch-overlap]
+                                    [--kv-cache-dtype-too bfloat16]
 
 64 seeded random requests (prompts of 32-256 tokens, 64-128 output tokens, EOS ignored, greedy)
 on tiny fp32 checkpoints from `make_tiny`, scaled up so that model compute is not trivial
@@ -30,7 +31,8 @@ often, the part of the share outside compute that comes from the host, not the e
 `--redundant-experts N` adds each worker count above 1 with N copies of experts per worker,
 `--expert-rebalance-steps N` each with its experts re-placed by their loads every N steps
 (copies or not), `--two-batch-overlap` each with steps of two micro-batches (one's all-to-alls
-in flight while the other computes). All run on `--device` (default: CUDA
+in flight while the other computes), `--kv-cache-dtype-too D` each worker count with the KV
+cache in dtype D (the default, auto, is fp32 on CPU). All run on `--device` (default: CUDA
 when there is one). `--eager-too` adds titanserve without CUDA graphs; `--process-ab` adds one
 worker placed where it does not run by default (in the engine's process on CUDA, in a process
 of its own on CPU).
@@ -256,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--expert-rebalance-steps", type=int, default=0,
                         help="with several workers, also time each with experts re-placed by "
                              "their loads every N steps (expert_rebalance_steps), copies too")
+    parser.add_argument("--kv-cache-dtype-too", choices=["float32", "bfloat16", "float16"],
+                        help="add each worker count with the KV cache in this dtype")
     parser.add_argument("--two-batch-overlap", action="store_true",
                         help="add each worker count above 1 with two-batch overlap")
     parser.add_argument("--zoo-size", action="store_true",

@@ -124,6 +124,9 @@ def titanserve_configs(workers: list[int], args: argparse.Namespace) -> list[tup
         return f"titanserve ({w} worker{'s' * (w > 1)}{', ' + note if note else ''})"
 
     configs = [(label(w), w, {}) for w in workers]
+    if getattr(args, "kv_cache_dtype_too", None):  # each worker count with the other cache
+        kv = args.kv_cache_dtype_too
+        configs += [(label(w, f"{kv} KV cache"), w, {"kv_cache_dtype": kv}) for w in workers]
     # with several workers: copies of experts, expert re-placement, both; two-batch overlap
     variants = [({"num_redundant_experts": r}, f"{r} redundant expert{'s' * (r > 1)}")
                 for r in args.redundant_experts]
