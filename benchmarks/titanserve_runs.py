@@ -178,7 +178,7 @@ def outside_compute_text(ts: dict, big_batch: int) -> str:
     """The share of step time outside model compute, and for big-batch steps its parts."""
     text = f"  outside compute {ts['overhead']:.0%}" if ts["overhead"] is not None else ""
     if ts["overhead_big_batch"] is not None:
-        text += f" (batch >= {big_batch}: {ts['overhead_big_batch']:.0%}"
+        text += f" (batch >= {big_batch}: {ts['overhead_big_batch']:.1%}"  # the goal's figure
         parts = ts["parts_big_batch"]
         if parts["all-to-all work"]:  # workers that exchange experts: what it consists of
             text += (f"; all-to-all wait {parts['all-to-all wait']:.0%}, "

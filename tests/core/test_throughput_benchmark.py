@@ -51,7 +51,7 @@ def test_throughput_benchmark_splits_the_all_to_all_share() -> None:
                 ", bfloat16 KV cache"]
     for label in [f"titanserve (2 workers{variant})" for variant in variants]:
         line = next(row for row in run.stdout.splitlines() if label + " " in row)
-        assert re.search(r"\(batch >= 2: \d+%; all-to-all wait \d+%, work \d+%; "
+        assert re.search(r"\(batch >= 2: \d+\.\d%; all-to-all wait \d+%, work \d+%; "
                          r"workers' compute apart \d+%\)", line), line
         assert re.search(r"run-queue wait \d+\.\d%", line), line
         assert re.search(r"agree \d+%", line), line
@@ -71,7 +71,7 @@ def test_throughput_benchmark_times_the_demo_moe_alone() -> None:
     assert "x1.00 vs titanserve (1 worker)" in rows[0]
     assert "(2 workers, 1 redundant expert)" in rows[2]
     for row in rows[1:]:
-        assert re.search(r"\(batch >= 2: \d+%; all-to-all wait \d+%, work \d+%; workers' "
+        assert re.search(r"\(batch >= 2: \d+\.\d%; all-to-all wait \d+%, work \d+%; workers' "
                          r"compute apart \d+%\)  run-queue wait [\d.]+%$", row), row
     # the host floor of 2 processes meeting at both all-to-alls of the 30 layers, one round
     floor = (r"host floor, 2 processes meeting 60 times a step .*: outside compute "
