@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import zmq
 
 CLI = [sys.executable, "-m", "titanserve.launcher.cli"]
@@ -201,6 +202,7 @@ def test_ctrl_c_exits_130_quietly(tiny_llama):
 def test_demo_engine_holds_a_small_kv_cache(tiny_llama):
     """The demo streams one answer at a time: its KV cache is a fixed 256 MiB a worker, not
     the default share of free memory, which a VM is slow to zero at start."""
+    from titanserve.core.model.kv_cache import kv_cache_dtype
     from titanserve.core.model_runner import kv_bytes_per_block
     from titanserve.launcher.demo import DEMO_KV_CACHE_BYTES, start_engine
 
@@ -208,8 +210,10 @@ def test_demo_engine_holds_a_small_kv_cache(tiny_llama):
     with llm:
         engine = llm.engine
         assert workers == 1 and engine.config.kv_cache_memory == DEMO_KV_CACHE_BYTES
+        cache_dtype = kv_cache_dtype(engine.config.kv_cache_dtype, torch.device("cpu"),
+                                     engine.config.torch_dtype)
         per_block = kv_bytes_per_block(engine.model_config, engine.config.block_size,
-                                       engine.config.torch_dtype)
+                                       cache_dtype)
         assert engine.num_blocks * per_block <= DEMO_KV_CACHE_BYTES
 
 
