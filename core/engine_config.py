@@ -17,11 +17,11 @@ if TYPE_CHECKING:
 
     from titanserve.core.config import ModelConfig
 
-# Accepted dtype names -> torch's name for them (core.config maps these to torch dtypes).
 # With two_batch_overlap, steps of at least this many sequences a worker (on average) run
 # as two micro-batches: below it a step is bound by per-op costs, which splitting doubles.
 TWO_BATCH_MIN_SEQS_PER_WORKER = 8
 
+# Accepted dtype names -> torch's name for them (core.config maps these to torch dtypes).
 DTYPE_ALIASES = {
     "float32": "float32",
     "fp32": "float32",
