@@ -124,27 +124,6 @@ def test_two_workers_with_packed_weights_match_transformers(rebalance, tmp_path)
     assert (llm.engine.layers_rebalanced > 0) == bool(rebalance)
 
 
-@pytest.mark.parametrize("family, num_workers", [("qwen2-moe", 2), ("mixtral", 4)])
-def test_two_batch_overlap_matches_transformers(family, num_workers, tmp_path_factory,
-                                                monkeypatch):
-    """Steps run as two micro-batches, each one's all-to-alls in flight while the other
-    computes (a shared expert's too, in Qwen2-MoE): the same tokens and logits."""
-    from titanserve.core import engine
-    from titanserve.core.multiproc_executor import MultiProcExecutor
-
-    monkeypatch.setattr(engine, "TWO_BATCH_MIN_SEQS_PER_WORKER", 1)
-    two_batches, submit = [], MultiProcExecutor.submit
-
-    def watched_submit(self, plans):
-        assert len({plan.two_batches for plan in plans}) == 1  # every worker alike
-        two_batches.append(plans[0].two_batches)
-        submit(self, plans)
-
-    monkeypatch.setattr(MultiProcExecutor, "submit", watched_submit)
-    check_against_hf(tiny(family, tmp_path_factory), num_workers, "zmq", two_batch_overlap=True)
-    assert any(two_batches)
-
-
 def test_one_worker_process_matches_transformers(tmp_path_factory):
     # the server's layout: alone, the worker computes every expert with no exchange
     check_against_hf(tiny("mixtral", tmp_path_factory), 1, "zmq", worker_processes=True)

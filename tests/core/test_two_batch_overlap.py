@@ -1,10 +1,12 @@
-"""Staged forwards (core.model.stages) and the split of a step into two micro-batches."""
+"""Two-batch overlap: staged forwards (core.model.stages), the split of a step into two
+micro-batches, the exchanges they interleave, and the engine serving that way."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from tests.core.test_multiworker import check_against_hf, tiny
 from tests.core.test_scheduler import make_request, make_scheduler, run_step
 from titanserve.core.config import ModelConfig
 from titanserve.core.model.stages import finish, interleave
@@ -147,3 +149,24 @@ def test_steps_with_enough_sequences_go_as_two_micro_batches_on_every_worker(lea
     scheduler.add(make_request("b", [1, 2, 3], max_tokens=8))
     out = run_step(scheduler)  # one worker runs two sequences, the other one: both split
     assert len(out.scheduled) == 3 and [p.two_batches for p in out.plans] == [expected[1]] * 2
+
+
+@pytest.mark.parametrize("family, num_workers", [("qwen2-moe", 2), ("mixtral", 4)])
+def test_two_batch_overlap_matches_transformers(family, num_workers, tmp_path_factory,
+                                                monkeypatch):
+    """Steps run as two micro-batches, each one's all-to-alls in flight while the other
+    computes (a shared expert's too, in Qwen2-MoE): the same tokens and logits."""
+    from titanserve.core import engine
+    from titanserve.core.multiproc_executor import MultiProcExecutor
+
+    monkeypatch.setattr(engine, "TWO_BATCH_MIN_SEQS_PER_WORKER", 1)
+    two_batches, submit = [], MultiProcExecutor.submit
+
+    def watched_submit(self, plans):
+        assert len({plan.two_batches for plan in plans}) == 1  # every worker alike
+        two_batches.append(plans[0].two_batches)
+        submit(self, plans)
+
+    monkeypatch.setattr(MultiProcExecutor, "submit", watched_submit)
+    check_against_hf(tiny(family, tmp_path_factory), num_workers, "zmq", two_batch_overlap=True)
+    assert any(two_batches)
