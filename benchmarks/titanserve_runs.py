@@ -124,7 +124,7 @@ def titanserve_configs(workers: list[int], args: argparse.Namespace) -> list[tup
         return f"titanserve ({w} worker{'s' * (w > 1)}{', ' + note if note else ''})"
 
     configs = [(label(w), w, {}) for w in workers]
-    if getattr(args, "kv_cache_dtype_too", None):  # each worker count with the other cache
+    if args.kv_cache_dtype_too:  # each worker count with the other cache
         kv = args.kv_cache_dtype_too
         configs += [(label(w, f"{kv} KV cache"), w, {"kv_cache_dtype": kv}) for w in workers]
     # with several workers: copies of experts, expert re-placement, both; two-batch overlap
@@ -135,7 +135,7 @@ def titanserve_configs(workers: list[int], args: argparse.Namespace) -> list[tup
         variants += [({**options, "expert_rebalance_steps": steps},
                       f"{note + ', ' if note else ''}rebalanced every {steps}")
                      for options, note in [({}, ""), *variants]]
-    if getattr(args, "two_batch_overlap", False):
+    if args.two_batch_overlap:
         variants.append(({"two_batch_overlap": True}, "two-batch overlap"))
     configs += [(label(w, note), w, options) for options, note in variants
                 for w in workers if w > 1]

@@ -290,7 +290,8 @@ class ModelRunner:
 def split_in_halves(num_tokens: list[int]) -> int:
     """Where to cut a step's sequences (each `num_tokens[i]` long, kept whole) into two
     micro-batches: the cut whose larger side has the fewest tokens (the first such)."""
-    total, before, best, best_larger = sum(num_tokens), 0, 0, sum(num_tokens)
+    total = sum(num_tokens)
+    before, best, best_larger = 0, 0, total
     for i, n in enumerate(num_tokens):
         before += n
         larger = max(before, total - before)

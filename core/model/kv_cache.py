@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import torch
 
+from titanserve.core.config import parse_dtype
+
 
 def kv_cache_dtype(name: str, device: torch.device, model_dtype: torch.dtype) -> torch.dtype:
     """The cache's dtype for `--kv-cache-dtype name`. "auto": fp32 on CPU whatever the model's
     dtype, where decode attention then reads the cache in place (`kernels.paged_decode_rows`:
     2.2-3.2x faster than gathering bf16 pages, `benchmarks/cpu_decode_attention.py`) and
     computes in fp32, for twice a bf16 cache's memory a token; else the model's dtype."""
-    from titanserve.core.config import parse_dtype
-
     if name == "auto":
         return torch.float32 if device.type == "cpu" else model_dtype
     return parse_dtype(name)
