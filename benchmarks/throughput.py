@@ -6,7 +6,7 @@
                                     [--zoo-size] [--repeat N] [--eager-too] [--process-ab]
                                     [--big-batch 32] [--smollm2-moe] [--redundant-experts N]
                                     [--expert-rebalance-steps N] [--two-batch-overlap]
-                                    [--kv-cache-dtype-too bfloat16]
+                                    [--kv-cache-dtype-too bfloat16] [--recorded-expert-loads]
 
 64 seeded random requests (prompts of 32-256 tokens, 64-128 output tokens, EOS ignored, greedy)
 on tiny fp32 checkpoints from `make_tiny`, scaled up so that model compute is not trivial
@@ -30,7 +30,9 @@ workers (`benchmarks/lockstep_floor.py`: what host noise alone costs processes t
 often, the part of the share outside compute that comes from the host, not the engine).
 `--redundant-experts N` adds each worker count above 1 with N copies of experts per worker,
 `--expert-rebalance-steps N` each with its experts re-placed by their loads every N steps
-(copies or not), `--two-batch-overlap` each with steps of two micro-batches (one's all-to-alls
+(copies or not), `--recorded-expert-loads` each placed from the start by the loads that one
+worker recorded on other requests of the same shapes (seed + 1; copies or not),
+`--two-batch-overlap` each with steps of two micro-batches (one's all-to-alls
 in flight while the other computes), `--kv-cache-dtype-too D` each worker count with the KV
 cache in dtype D (the default, auto, is fp32 on CPU). All run on `--device` (default: CUDA
 when there is one). `--eager-too` adds titanserve without CUDA graphs; `--process-ab` adds one
@@ -56,6 +58,7 @@ from titanserve_runs import (
     make_requests,
     outside_compute_text,
     print_row,
+    record_expert_loads,
     run_rounds,
     run_titanserve,
     titanserve_configs,
@@ -128,6 +131,16 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
     return same / total if total else 1.0
 
 
+def recorded_loads(
+    path: Path, dtype: str, args: argparse.Namespace, requests: list[Request]
+) -> Path | None:
+    """With `--recorded-expert-loads` and a MoE model: its expert loads, recorded with one
+    worker on `requests` (other than the timed ones), for the `expert_loads` rows."""
+    if not (args.recorded_expert_loads and ModelConfig.from_hf(path).num_experts):
+        return None
+    return record_expert_loads(path, requests, dtype, args.device, path / "expert-loads.json")
+
+
 def bench_tiny(name: str, workers: list[int], args: argparse.Namespace, tmp: Path) -> None:
     """One tiny model: `--repeat` rounds, each running transformers at every batch size and then
     titanserve at every worker count, so that both sides sample the same stretch of a host whose
@@ -135,12 +148,15 @@ def bench_tiny(name: str, workers: list[int], args: argparse.Namespace, tmp: Pat
     family, overrides = MODELS[name]
     path = make_tiny(family, tmp / name, **({} if args.zoo_size else overrides))
     config = json.loads((path / "config.json").read_text())
-    requests = make_requests(args.num_requests, config["vocab_size"], (32, 256), (64, 128),
-                             args.seed)
+    def requests_of(seed: int) -> list[Request]:
+        return make_requests(args.num_requests, config["vocab_size"], (32, 256), (64, 128), seed)
+
+    requests = requests_of(args.seed)
     n_in = sum(len(p) for p, _ in requests)
     print(f"\n{name} (fp32, hidden {config['hidden_size']}, {config['num_hidden_layers']} "
           f"layers, {len(requests)} requests, {n_in} prompt tokens)", flush=True)
-    configs = titanserve_configs(workers, args)
+    loads = recorded_loads(path, "float32", args, requests_of(args.seed + 1))
+    configs = titanserve_configs(workers, args, loads)
     hf_rounds: dict[int, list[dict]] = {b: [] for b in args.hf_batch_sizes}
 
     def transformers_round() -> None:
@@ -182,10 +198,14 @@ def bench_smollm2_moe(args: argparse.Namespace, tmp: Path) -> None:
     except (FileNotFoundError, ValueError) as e:
         print(f"\nsmollm2-moe: skipped ({e})")
         return
-    requests = make_requests(args.num_requests, 49152, (32, 128), (48, 64), args.seed)
+    def requests_of(seed: int) -> list[Request]:
+        return make_requests(args.num_requests, 49152, (32, 128), (48, 64), seed)
+
+    requests = requests_of(args.seed)
     print(f"\nsmollm2-moe (bf16, 8 experts top-2, hidden 576, 30 layers, {len(requests)} "
           f"requests, {sum(len(p) for p, _ in requests)} prompt tokens)", flush=True)
-    configs = titanserve_configs(args.workers, args)
+    loads = recorded_loads(path, "bfloat16", args, requests_of(args.seed + 1))
+    configs = titanserve_configs(args.workers, args, loads)
     floors: list[dict] = []  # what the host alone costs workers that meet as often, by round
     floor_args = argparse.Namespace(
         meetings=2 * len(ModelConfig.from_hf(path).moe_layers),  # an all-to-all each way
@@ -260,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
                              "their loads every N steps (expert_rebalance_steps), copies too")
     parser.add_argument("--kv-cache-dtype-too", choices=["float32", "bfloat16", "float16"],
                         help="add each worker count with the KV cache in this dtype")
+    parser.add_argument("--recorded-expert-loads", action="store_true",
+                        help="add each worker count above 1 (copies too) with experts placed "
+                             "by loads recorded on other requests (seed + 1) with 1 worker")
     parser.add_argument("--two-batch-overlap", action="store_true",
                         help="add each worker count above 1 with two-batch overlap")
     parser.add_argument("--zoo-size", action="store_true",

@@ -117,8 +117,23 @@ def print_row(label: str, result: dict, extra: str = "") -> None:
     )
 
 
-def titanserve_configs(workers: list[int], args: argparse.Namespace) -> list[tuple[str, int, dict]]:
-    """(row label, workers, more `LLM` keywords) of each titanserve configuration timed."""
+def record_expert_loads(
+    path: Path, requests: list[Request], dtype: str, device: str, out: Path
+) -> Path:
+    """Run `requests` on one worker recording expert loads into `out` (what a deployment
+    records on its own traffic before serving with `expert_loads`)."""
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for _, n in requests]
+    with LLM(str(path), dtype=dtype, device=device, progress=False,
+             record_expert_loads=str(out)) as llm:
+        llm.generate([p for p, _ in requests], params)
+    return out
+
+
+def titanserve_configs(
+    workers: list[int], args: argparse.Namespace, loads_file: Path | None = None
+) -> list[tuple[str, int, dict]]:
+    """(row label, workers, more `LLM` keywords) of each titanserve configuration timed;
+    with `loads_file`, also each worker count above 1 placed by it (copies too)."""
 
     def label(w: int, note: str = "") -> str:
         return f"titanserve ({w} worker{'s' * (w > 1)}{', ' + note if note else ''})"
@@ -135,6 +150,10 @@ def titanserve_configs(workers: list[int], args: argparse.Namespace) -> list[tup
         variants += [({**options, "expert_rebalance_steps": steps},
                       f"{note + ', ' if note else ''}rebalanced every {steps}")
                      for options, note in [({}, ""), *variants]]
+    if loads_file is not None:
+        variants += [({**options, "expert_loads": str(loads_file)},
+                      f"{note + ', ' if note else ''}placed by recorded loads")
+                     for options, note in [({}, ""), *variants[:len(args.redundant_experts)]]]
     if args.two_batch_overlap:
         variants.append(({"two_batch_overlap": True}, "two-batch overlap"))
     configs += [(label(w, note), w, options) for options, note in variants

@@ -8,6 +8,7 @@ beyond handing returned logits to the caller.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ import torch
 from titanserve.core.block_manager import BlockManager
 from titanserve.core.config import ModelConfig
 from titanserve.core.engine_config import TWO_BATCH_MIN_SEQS_PER_WORKER, EngineConfig
-from titanserve.core.errors import ConfigError, InvalidRequest
+from titanserve.core.errors import ConfigError, InvalidRequest, WorkerLost
 from titanserve.core.model.kv_cache import kv_cache_dtype
 from titanserve.core.model_runner import kv_bytes_per_block
 from titanserve.core.outputs import RequestOutput, StepDelta
@@ -27,6 +28,9 @@ from titanserve.core.sampling_params import SamplingParams
 from titanserve.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from titanserve.core.tokenizer import FinalDetokenizer, IncrementalDetokenizer, Tokenizer
 from titanserve.core.warmup import warm_up
+from titanserve.moe.expert_loads import write_expert_loads
+
+logger = logging.getLogger("titanserve.engine")
 
 
 def resolve_model_path(model: str) -> Path:
@@ -83,6 +87,8 @@ class Engine:
             Tokenizer(self.model_path) if (self.model_path / "tokenizer.json").exists() else None
         )
         cfg = self.model_config
+        if config.record_expert_loads is not None and not cfg.num_experts:
+            raise ConfigError("record_expert_loads needs a mixture-of-experts model")
         self.max_model_len = config.resolve_max_model_len(cfg)
         device = config.resolve_device(0)
         cache_dtype = kv_cache_dtype(config.kv_cache_dtype, device, config.torch_dtype)
@@ -419,8 +425,26 @@ class Engine:
         tracker = self.trackers.get(request_id)
         return tracker.output if tracker else None
 
+    def expert_loads(self) -> dict[int, list[int]]:
+        """Pairs routed to each expert so far, by MoE layer (moe.expert_loads); counted only
+        with record_expert_loads (or expert_rebalance_steps, which halves them at each
+        re-placement)."""
+        if not self.config.counts_expert_loads:
+            raise ConfigError("expert loads are counted only with record_expert_loads set")
+        return self.executor.expert_loads()
+
     def shutdown(self) -> None:
-        if self.executor is not None:
+        if self.executor is None:
+            return
+        try:
+            path = self.config.record_expert_loads
+            if path is not None and self.model_config.num_experts:
+                try:
+                    loads = self.expert_loads()
+                    write_expert_loads(path, loads, self.model_config.num_experts)
+                except (OSError, WorkerLost) as e:  # say so, but shut down all the same
+                    logger.warning("expert loads not written to %s: %s", path, e)
+        finally:
             self.executor.shutdown()
             self.executor = None
 

@@ -68,6 +68,12 @@ class EngineConfig:
     # Every N steps, re-place each MoE layer's experts (and copies) by the loads the workers
     # counted since the last time (moe.rebalance); 0: keep the contiguous placement.
     expert_rebalance_steps: int = 0
+    # Place each MoE layer's experts (and copies) from the first step by the loads recorded in
+    # this JSON file (moe.expert_loads); None: the contiguous placement.
+    expert_loads: str | None = None
+    # Count the pairs routed to each expert of each MoE layer and write them to this JSON
+    # file when the engine shuts down (for expert_loads).
+    record_expert_loads: str | None = None
     # Run steps of at least TWO_BATCH_MIN_SEQS_PER_WORKER sequences a worker as two micro-
     # batches, each one's all-to-alls in flight while the other computes (core.model.stages):
     # a worker that reaches an exchange early computes instead of waiting for the others.
@@ -106,6 +112,8 @@ class EngineConfig:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
             if getattr(self, name) and self.num_workers == 1:
                 raise ConfigError(f"{name} needs num_workers > 1")
+        if self.expert_loads is not None and self.num_workers == 1:
+            raise ConfigError("expert_loads needs num_workers > 1 (one worker holds every expert)")
         if self.two_batch_overlap and self.num_workers == 1:
             raise ConfigError("two_batch_overlap needs num_workers > 1")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
@@ -153,6 +161,12 @@ class EngineConfig:
         if self.worker_processes is not None:
             return self.worker_processes
         return self.num_workers > 1 or device.type == "cuda"
+
+    @property
+    def counts_expert_loads(self) -> bool:
+        """Whether MoE layers count the pairs routed to each expert (moe.rebalance reads
+        them, record_expert_loads saves them)."""
+        return self.expert_rebalance_steps > 0 or self.record_expert_loads is not None
 
     def uses_decode_graphs(self, device: torch.device) -> bool:
         return device.type == "cuda" and not self.enforce_eager

@@ -15,6 +15,7 @@ from titanserve.core.engine_config import EngineConfig
 from titanserve.core.model_runner import ModelRunner
 from titanserve.ipc.messages import StepPlan, StepResult
 from titanserve.moe.placement import ExpertPlacement
+from titanserve.moe.rebalance import counted_loads, moe_layers
 
 # (worker rank, its result, its logits rows), one per worker, in the order they arrive
 WorkerOutput = tuple[int, StepResult, "torch.Tensor | None"]
@@ -53,6 +54,8 @@ class InProcessExecutor:
         if config.uses_decode_graphs(device):
             self.runner.capture_decode_graphs(config.max_num_seqs, progress=config.progress)
         self.runner.warm_up_cpu_linears(config.max_num_seqs)
+        for layer in moe_layers(self.runner.model).values():
+            layer.count_loads = config.counts_expert_loads
 
         self._plans: list[StepPlan] | None = None
 
@@ -67,6 +70,10 @@ class InProcessExecutor:
 
     def release_cores(self) -> None:
         pass  # the model runs on the engine's own thread: nothing to follow
+
+    def expert_loads(self) -> dict[int, list[int]]:
+        """See `MultiProcExecutor.expert_loads`."""
+        return counted_loads(self.runner.model)
 
     def shutdown(self) -> None:
         self.runner = None

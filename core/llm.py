@@ -118,6 +118,11 @@ class LLM:
             except Exception:  # noqa: BLE001 - the exception being raised says why we stopped
                 pass
 
+    def expert_loads(self) -> dict[int, list[int]]:
+        """Tokens routed to each expert so far, by MoE layer: what `record_expert_loads`
+        writes at shutdown, for `expert_loads` (see titanserve.moe.expert_loads)."""
+        return self.engine.expert_loads()
+
     # ------------------------------------------------------------------ lifecycle
     def shutdown(self) -> None:
         self.engine.shutdown()

@@ -53,6 +53,7 @@ class ModelRunner:
         seed: int = 0,
         progress: bool = True,
         kv_cache_dtype: str = "auto",  # see core.model.kv_cache.kv_cache_dtype
+        layer_placements: dict[int, ExpertPlacement] | None = None,  # see DecoderModel
     ) -> None:
         device = device or torch.device("cpu")
         if device.type == "cpu":
@@ -67,10 +68,10 @@ class ModelRunner:
         torch.set_default_dtype(dtype)
         try:
             with torch.device(device):
-                self.model = DecoderModel(cfg, placement, max_positions=max_model_len)
+                self.model = DecoderModel(cfg, placement, max_model_len, layer_placements)
         finally:
             torch.set_default_dtype(previous)
-        load_weights(self.model, model_path, placement, progress=progress)
+        load_weights(self.model, model_path, progress=progress)
         interleave_rotary_pairs(self.model)  # CPU: one complex multiply rotates q and k
         pack_linear_weights(self.model)  # CPU weights: oneDNN layout, once (kernels.cpu_linear)
         pack_expert_weights(self.model)  # and experts, one packed matrix per expert

@@ -39,6 +39,8 @@ from titanserve.core.engine_config import EngineConfig
 from titanserve.core.errors import ConfigError, WorkerLost
 from titanserve.ipc.messages import (
     MAX_CONTROL_MESSAGE_BYTES,
+    ExpertLoadsReply,
+    ExpertLoadsRequest,
     FromWorker,
     Heartbeat,
     Hello,
@@ -51,6 +53,7 @@ from titanserve.ipc.messages import (
 )
 from titanserve.ipc.sockets import recv_ready
 from titanserve.ipc.tensor_frames import decode_tensor
+from titanserve.moe.expert_loads import add_loads, read_expert_loads
 from titanserve.moe.placement import ExpertPlacement
 
 if TYPE_CHECKING:  # the in-process executor's module imports the model code
@@ -98,7 +101,8 @@ class MultiProcExecutor:
         num_blocks: int,
         max_model_len: int,
     ) -> None:
-        for name in ("num_redundant_experts", "expert_rebalance_steps", "two_batch_overlap"):
+        for name in ("num_redundant_experts", "expert_rebalance_steps", "two_batch_overlap",
+                     "expert_loads", "record_expert_loads"):
             if getattr(config, name) and not model_cfg.num_experts:
                 raise ConfigError(f"{name} needs a mixture-of-experts model")
         try:  # the placement the workers will build checks the expert counts
@@ -126,9 +130,12 @@ class MultiProcExecutor:
         self.sock.bind(f"ipc://{self.run_dir}/engine")
         self.decoder = msgspec.msgpack.Decoder(FromWorker)
         self.encoder = msgspec.msgpack.Encoder()
-        self.load = LoadModel(
-            config=worker_config, model_path=str(model_path), comm_port=_free_port()
-        )
+        loads = None
+        if config.expert_loads is not None:  # read here: no worker host needs the file
+            loads = read_expert_loads(config.expert_loads, model_cfg.num_experts,
+                                      model_cfg.moe_layers)  # fmt: skip
+        self.load = LoadModel(config=worker_config, model_path=str(model_path),
+                              comm_port=_free_port(), expert_loads=loads)  # fmt: skip
         # A fresh interpreter per worker (no fork of a threaded parent, no re-import of the
         # caller's __main__); it says Hello and is sent LoadModel over the socket.
         self.procs = [
@@ -268,6 +275,28 @@ class MultiProcExecutor:
                 raise WorkerLost(
                     rank, f"no heartbeat for {HEARTBEAT_TIMEOUT_S:.0f} s (hung or stopped)"
                 )
+
+    def expert_loads(self) -> dict[int, list[int]]:
+        """The pairs every worker's tokens routed to each expert so far (steps submitted
+        before included), summed, by MoE layer."""
+        if self.lost is not None:
+            raise self.lost
+        self.wait_started = time.monotonic()
+        for rank in range(self.world_size):
+            self.sock.send_multipart([f"w{rank}".encode(),
+                                      self.encoder.encode(ExpertLoadsRequest())])  # fmt: skip
+        replies: dict[int, dict[int, list[int]]] = {}
+        while len(replies) < self.world_size:
+            rank, msg, frames = self._recv()
+            if isinstance(msg, ExpertLoadsReply):
+                replies[rank] = msg.loads
+            elif isinstance(msg, StepResult) and msg.step_id in self.in_flight:
+                logits = decode_tensor(frames[0], frames[1]) if len(frames) >= 2 else None
+                self.early[(msg.step_id, rank)] = (msg, logits)  # for its collect
+        total: dict[int, list[int]] = {}
+        for rank in sorted(replies):
+            add_loads(total, replies[rank])
+        return total
 
     # ------------------------------------------------------------------ lifecycle
     def shutdown(self) -> None:

@@ -29,6 +29,8 @@ from titanserve.ipc.messages import (
     DECODE_ERRORS,
     HEARTBEAT_INTERVAL_S,
     MAX_CONTROL_MESSAGE_BYTES,
+    ExpertLoadsReply,
+    ExpertLoadsRequest,
     Heartbeat,
     Hello,
     LoadModel,
@@ -41,9 +43,10 @@ from titanserve.ipc.messages import (
 from titanserve.ipc.sockets import recv_ready
 from titanserve.ipc.tensor_frames import encode_tensor
 from titanserve.moe.dispatch import ExpertParallel
+from titanserve.moe.expert_loads import layer_placements
 from titanserve.moe.layer import MoELayer
 from titanserve.moe.placement import ExpertPlacement
-from titanserve.moe.rebalance import rebalance_experts
+from titanserve.moe.rebalance import counted_loads, rebalance_experts
 
 PARENT_CHECK_S = 1.0
 _ENGINE_PID = os.getppid()  # read at import, i.e. when the worker process starts
@@ -90,6 +93,10 @@ def worker_main(run_dir: str, rank: int, cores: list[int] | None = None) -> None
         placement = ExpertPlacement.contiguous(
             model_cfg.num_experts, world, rank, config.num_redundant_experts
         )
+        own_placements = None  # MoE layers placed by recorded loads (moe.expert_loads)
+        if load.expert_loads and world > 1:
+            own_placements = layer_placements(load.expert_loads, model_cfg.num_experts, world,
+                                              rank, config.num_redundant_experts)  # fmt: skip
         collective = create_collective(
             config.comm, rank, world, **collective_options(config, run_dir, load.comm_port)
         )
@@ -105,6 +112,7 @@ def worker_main(run_dir: str, rank: int, cores: list[int] | None = None) -> None
             seed=config.seed + rank,
             progress=config.progress and rank == 0,
             kv_cache_dtype=config.kv_cache_dtype,
+            layer_placements=own_placements,
         )
         experts = 0
         exchange = ExpertParallel(collective)  # shared by every MoE layer
@@ -112,8 +120,8 @@ def worker_main(run_dir: str, rank: int, cores: list[int] | None = None) -> None
             if isinstance(module, MoELayer):
                 if world > 1:  # alone, a worker holds every expert: nothing to exchange
                     module.exchange = exchange
-                    module.use_placement(placement)
-                    module.count_loads = config.expert_rebalance_steps > 0
+                    module.use_placement(module.placement)  # each layer's own
+                module.count_loads = config.counts_expert_loads
                 experts += module.w_gate_up.numel() + module.w_down.numel()
         runner.lockstep = True
         if config.uses_decode_graphs(device):
@@ -125,6 +133,7 @@ def worker_main(run_dir: str, rank: int, cores: list[int] | None = None) -> None
                 WorkerReady(
                     rank=rank,
                     local_experts=placement.local_experts,
+                    layer_experts={i: p.local_experts for i, p in (own_placements or {}).items()},
                     expert_param_count=experts,
                     num_kv_blocks=config.num_kv_blocks,
                 )
@@ -211,6 +220,10 @@ def _serve(
         msg = _next_message(sock, decoder, encoder, rank)
         if msg is None or isinstance(msg, Shutdown):
             return
+        if isinstance(msg, ExpertLoadsRequest):
+            sock.send(encoder.encode(ExpertLoadsReply(rank=rank,
+                                                      loads=counted_loads(runner.model))))
+            continue
         if not isinstance(msg, StepPlan):
             sock.send(encoder.encode(WorkerError(rank=rank, message="already loaded")))
             continue

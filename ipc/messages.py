@@ -229,6 +229,9 @@ class LoadModel(Struct):
     config: EngineConfig  # num_kv_blocks and max_model_len already resolved
     model_path: str
     comm_port: int  # torch.distributed rendezvous port (the ZeroMQ mesh uses ipc:// files)
+    # layer index -> (E,) recorded loads to place experts by (moe.expert_loads), read by the
+    # engine from config.expert_loads: no worker host needs the file
+    expert_loads: dict[int, list[int]] | None = None
 
 
 class Heartbeat(Struct):
@@ -246,6 +249,8 @@ class WorkerReady(Struct):
     local_experts: list[int]  # global ids of the experts this worker holds
     expert_param_count: int  # elements in its expert weights (all MoE layers)
     num_kv_blocks: int
+    # MoE layers placed by recorded loads (moe.expert_loads): layer -> the experts it holds
+    layer_experts: dict[int, list[int]] = {}
 
 
 class WorkerError(Struct):
@@ -261,8 +266,19 @@ class Shutdown(Struct):
     pass
 
 
-ToWorker = StepPlan | LoadModel | Shutdown
-FromWorker = StepResult | WorkerReady | WorkerError | Hello | Heartbeat
+class ExpertLoadsRequest(Struct):
+    """Ask a worker for the expert loads it has counted (between steps)."""
+
+
+class ExpertLoadsReply(Struct):
+    """Pairs this worker's tokens routed to each expert, by MoE layer (moe.expert_loads)."""
+
+    rank: int
+    loads: dict[int, list[int]]
+
+
+ToWorker = StepPlan | LoadModel | Shutdown | ExpertLoadsRequest
+FromWorker = StepResult | WorkerReady | WorkerError | Hello | Heartbeat | ExpertLoadsReply
 
 HEARTBEAT_INTERVAL_S = 0.5
 

@@ -141,6 +141,16 @@ def _engine_flags() -> argparse.ArgumentParser:
         help="every N steps, re-place experts by the loads seen (0: never, the default)",
     )
     g.add_argument(
+        "--expert-loads",
+        metavar="FILE",
+        help="place experts from the start by the loads recorded in FILE (--record-expert-loads)",
+    )
+    g.add_argument(
+        "--record-expert-loads",
+        metavar="FILE",
+        help="count the tokens routed to each expert and write them to FILE at exit",
+    )
+    g.add_argument(
         "--two-batch-overlap",
         action="store_const",
         const=True,

@@ -25,6 +25,8 @@ ENGINE_FIELDS = (
     "comm",
     "num_redundant_experts",
     "expert_rebalance_steps",
+    "expert_loads",
+    "record_expert_loads",
     "two_batch_overlap",
     "sp_threshold",
     "num_threads",

@@ -34,6 +34,11 @@ def moe_layers(model: DecoderModel) -> dict[int, MoELayer]:
     return {i: model.layers[i].mlp for i in model.cfg.moe_layers}
 
 
+def counted_loads(model: DecoderModel) -> dict[int, list[int]]:
+    """Layer index -> (E,) pairs its MoE layer has counted (see `MoELayer.count_loads`)."""
+    return {index: layer.expert_load.tolist() for index, layer in moe_layers(model).items()}
+
+
 def rebalance_experts(model: DecoderModel, collective: Collective, model_path: Path) -> int:
     """Re-place the experts of every MoE layer by the loads counted so far (older windows
     halved at each call), on every worker at once (a collective); returns how many layers

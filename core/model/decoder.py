@@ -51,13 +51,22 @@ class DecoderModel(nn.Module):
 
     LINEAR_WEIGHTS = ("lm_head",)  # see kernels.cpu_linear.pack_linear_weights
 
-    def __init__(self, cfg: ModelConfig, placement: ExpertPlacement, max_positions: int) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        placement: ExpertPlacement,
+        max_positions: int,
+        layer_placements: dict[int, ExpertPlacement] | None = None,  # MoE layers' own
+    ) -> None:
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Parameter(
             torch.empty(cfg.vocab_size, cfg.hidden_size), requires_grad=False
         )
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, placement) for i in range(cfg.num_layers))
+        own = layer_placements or {}
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, i, own.get(i, placement)) for i in range(cfg.num_layers)
+        )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         if cfg.tie_word_embeddings:
             self.lm_head = self.embed_tokens

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from titanserve.core.errors import ConfigError
 from titanserve.core.model.decoder import DecoderModel
-from titanserve.moe.placement import ExpertPlacement
+from titanserve.moe.layer import MoELayer
 
 _MLP = r"(?P<layer>model\.layers\.\d+)\.(?:mlp|block_sparse_moe)"
 # (pattern, handler name); the first match wins.
@@ -72,19 +72,24 @@ def checkpoint_files(path: Path) -> list[Path]:
     return files
 
 
-def load_weights(
-    model: DecoderModel, path: Path, placement: ExpertPlacement, progress: bool = True
-) -> None:
-    """Fill every parameter of `model` from the checkpoint at `path`, or name what is missing."""
+def load_weights(model: DecoderModel, path: Path, progress: bool = True) -> None:
+    """Fill every parameter of `model` from the checkpoint at `path`, or name what is missing.
+    A MoE layer gets the experts of its own placement (layers may differ, moe.expert_loads)."""
     params = dict(model.named_parameters(remove_duplicate=False))
     filled: set[tuple[str, object]] = set()
-    local_of = {e: i for i, e in enumerate(placement.local_experts)}
+    local_of = {  # MoE layer index -> {global expert id: weight slot}
+        i: {e: slot for slot, e in enumerate(layer.mlp.slot_experts)}
+        for i, layer in enumerate(model.layers)
+        if isinstance(layer.mlp, MoELayer)
+    }
     files = checkpoint_files(path)
     bar = tqdm(total=len(files), desc="loading weights", unit="file", disable=not progress)
     for file in files:
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():
-                for target, part, read in _targets(name, model, local_of, f):
+                m = _LAYER_INDEX.match(name)
+                experts = local_of.get(int(m[1]), {}) if m else {}
+                for target, part, read in _targets(name, model, experts, f):
                     target = target.removeprefix("model.")
                     if target not in params:
                         continue
