@@ -115,6 +115,10 @@ def test_bench_reports_throughput(tiny_llama):
         (["generate", "{model}", "--prompt", "hi", "--top-p", "x"], ["--top-p"]),
         (["generate", "{model}", "--prompt", "hi", "--num-redundant-experts", "-1"],
          ["--num-redundant-experts", "must be >= 0"]),
+        (["generate", "{model}", "--prompt", "hi", "--expert-loads", "x.json"],
+         ["expert_loads needs num_workers > 1"]),
+        (["generate", "{model}", "--prompt", "hi", "--record-expert-loads", "x.json"],
+         ["record_expert_loads needs a mixture-of-experts model"]),
         (["generate", "{model}", "--prompt", "hi", "--bogus"], ["unrecognized", "--bogus"]),
         (["generate", "{model}"], ["--prompt"]),
         (["make-model", "tiny-gpt5", "--out", "x"], ["invalid choice", "tiny-gpt5"]),
@@ -146,12 +150,13 @@ def test_engine_flags_become_llm_keywords_and_only_those_given():
     flags = ["--no-bind-cpu-cores", "--num-threads", "3", "--no-async-scheduling", "--warmup",
              "--enforce-eager", "--worker-processes", "--num-redundant-experts", "2",
              "--expert-rebalance-steps", "100", "--two-batch-overlap", "--kv-cache-dtype",
-             "bfloat16"]
+             "bfloat16", "--expert-loads", "in.json", "--record-expert-loads", "out.json"]
     args = parse(["generate", "m", "--prompt", "x", *flags])
     assert engine_kwargs(args) == {
         "bind_cpu_cores": False, "num_threads": 3, "async_scheduling": False, "warmup": True,
         "enforce_eager": True, "worker_processes": True, "num_redundant_experts": 2,
         "expert_rebalance_steps": 100, "two_batch_overlap": True, "kv_cache_dtype": "bfloat16",
+        "expert_loads": "in.json", "record_expert_loads": "out.json",
     }  # fmt: skip
     assert engine_kwargs(parse(["generate", "m", "--prompt", "x", "--no-warmup",
                                 "--no-worker-processes"])) == {
