@@ -42,12 +42,13 @@ def test_throughput_benchmark_splits_the_all_to_all_share() -> None:
         [sys.executable, str(SCRIPT), "--models", "tiny-mixtral", "--workers", "2",
          "--num-requests", "4", "--hf-batch-sizes", "4", "--big-batch", "2", "--zoo-size",
          "--device", "cpu", "--redundant-experts", "1", "--expert-rebalance-steps", "2",
-         "--two-batch-overlap", "--kv-cache-dtype-too", "bfloat16"],
+         "--two-batch-overlap", "--kv-cache-dtype-too", "bfloat16", "--recorded-expert-loads"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     variants = ["", ", 1 redundant expert", ", rebalanced every 2",
-                ", 1 redundant expert, rebalanced every 2", ", two-batch overlap",
+                ", 1 redundant expert, rebalanced every 2", ", placed by recorded loads",
+                ", 1 redundant expert, placed by recorded loads", ", two-batch overlap",
                 ", bfloat16 KV cache"]
     for label in [f"titanserve (2 workers{variant})" for variant in variants]:
         line = next(row for row in run.stdout.splitlines() if label + " " in row)
