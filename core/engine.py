@@ -425,13 +425,14 @@ class Engine:
         tracker = self.trackers.get(request_id)
         return tracker.output if tracker else None
 
-    def expert_loads(self) -> dict[int, list[int]]:
+    def expert_loads(self, reset: bool = False) -> dict[int, list[int]]:
         """Pairs routed to each expert so far, by MoE layer (moe.expert_loads); counted only
         with record_expert_loads (or expert_rebalance_steps, which halves them at each
-        re-placement)."""
+        re-placement). `reset`: count from zero again (the warm-up's requests are not
+        traffic)."""
         if not self.config.counts_expert_loads:
             raise ConfigError("expert loads are counted only with record_expert_loads set")
-        return self.executor.expert_loads()
+        return self.executor.expert_loads(reset)
 
     def shutdown(self) -> None:
         if self.executor is None:

@@ -71,9 +71,9 @@ class InProcessExecutor:
     def release_cores(self) -> None:
         pass  # the model runs on the engine's own thread: nothing to follow
 
-    def expert_loads(self) -> dict[int, list[int]]:
+    def expert_loads(self, reset: bool = False) -> dict[int, list[int]]:
         """See `MultiProcExecutor.expert_loads`."""
-        return counted_loads(self.runner.model)
+        return counted_loads(self.runner.model, reset)
 
     def shutdown(self) -> None:
         self.runner = None

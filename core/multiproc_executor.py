@@ -276,15 +276,15 @@ class MultiProcExecutor:
                     rank, f"no heartbeat for {HEARTBEAT_TIMEOUT_S:.0f} s (hung or stopped)"
                 )
 
-    def expert_loads(self) -> dict[int, list[int]]:
+    def expert_loads(self, reset: bool = False) -> dict[int, list[int]]:
         """The pairs every worker's tokens routed to each expert so far (steps submitted
-        before included), summed, by MoE layer."""
+        before included), summed, by MoE layer; `reset`: the workers then count from zero."""
         if self.lost is not None:
             raise self.lost
         self.wait_started = time.monotonic()
+        request = self.encoder.encode(ExpertLoadsRequest(reset=reset))
         for rank in range(self.world_size):
-            self.sock.send_multipart([f"w{rank}".encode(),
-                                      self.encoder.encode(ExpertLoadsRequest())])  # fmt: skip
+            self.sock.send_multipart([f"w{rank}".encode(), request])
         replies: dict[int, dict[int, list[int]]] = {}
         while len(replies) < self.world_size:
             rank, msg, frames = self._recv()

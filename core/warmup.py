@@ -5,7 +5,8 @@ launchers pick tile sizes from the step's size (tokens, sequences, expert pairs)
 the first 64 requests of `benchmarks/throughput.py` took 10.3 s instead of 0.63 s, nearly all
 of it compiling. The warm-up runs the engine's real path (scheduler, workers, collectives) on
 throw-away requests at each power-of-two prefill length and decode batch size up to the
-engine's limits, then forgets them: their prefix-cache entries and the engine's counters.
+engine's limits, then forgets them: their prefix-cache entries, the engine's counters and the
+expert loads counted for `record_expert_loads`.
 
 The launchers' sizes are powers of two or buckets bounded by them, and the kernels take the
 sizes that change every step as plain ints (`do_not_specialize`), so these shapes cover what
@@ -73,4 +74,6 @@ def warm_up(engine: Engine) -> int:
     steps = engine.num_steps
     engine.scheduler.reset_prefix_cache()
     engine.reset_stats()
+    if config.counts_expert_loads:  # random prompts are not traffic to place experts by
+        engine.expert_loads(reset=True)
     return steps

@@ -221,8 +221,8 @@ def _serve(
         if msg is None or isinstance(msg, Shutdown):
             return
         if isinstance(msg, ExpertLoadsRequest):
-            sock.send(encoder.encode(ExpertLoadsReply(rank=rank,
-                                                      loads=counted_loads(runner.model))))
+            loads = counted_loads(runner.model, reset=msg.reset)
+            sock.send(encoder.encode(ExpertLoadsReply(rank=rank, loads=loads)))
             continue
         if not isinstance(msg, StepPlan):
             sock.send(encoder.encode(WorkerError(rank=rank, message="already loaded")))

@@ -267,7 +267,9 @@ class Shutdown(Struct):
 
 
 class ExpertLoadsRequest(Struct):
-    """Ask a worker for the expert loads it has counted (between steps)."""
+    """Ask a worker for the expert loads it has counted; `reset`: then start from zero."""
+
+    reset: bool = False
 
 
 class ExpertLoadsReply(Struct):

@@ -34,9 +34,15 @@ def moe_layers(model: DecoderModel) -> dict[int, MoELayer]:
     return {i: model.layers[i].mlp for i in model.cfg.moe_layers}
 
 
-def counted_loads(model: DecoderModel) -> dict[int, list[int]]:
-    """Layer index -> (E,) pairs its MoE layer has counted (see `MoELayer.count_loads`)."""
-    return {index: layer.expert_load.tolist() for index, layer in moe_layers(model).items()}
+def counted_loads(model: DecoderModel, reset: bool = False) -> dict[int, list[int]]:
+    """Layer index -> (E,) pairs its MoE layer has counted (see `MoELayer.count_loads`);
+    `reset`: then zero the counts."""
+    loads = {}
+    for index, layer in moe_layers(model).items():
+        loads[index] = layer.expert_load.tolist()
+        if reset:
+            layer.expert_load.zero_()
+    return loads
 
 
 def rebalance_experts(model: DecoderModel, collective: Collective, model_path: Path) -> int:

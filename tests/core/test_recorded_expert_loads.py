@@ -58,6 +58,18 @@ def test_experts_placed_by_recorded_loads_match_transformers(family, redundant, 
     assert sorted(set(held[0][1]) | set(held[1][1])) == list(range(8))
 
 
+@pytest.mark.parametrize("num_workers", [1, 2])
+def test_the_warm_ups_requests_are_not_counted(num_workers, tmp_path, tmp_path_factory):
+    """The warm-up's random prompts are not traffic: counting starts from zero after it."""
+    path = tiny("mixtral", tmp_path_factory)
+    with LLM(path, num_workers=num_workers, warmup=True, max_num_batched_tokens=64,
+             max_num_seqs=4, progress=False, record_expert_loads=str(tmp_path / "l.json")) as llm:
+        assert llm.engine.num_steps == 0  # the warm-up ran, and was forgotten
+        assert all(sum(counts) == 0 for counts in llm.expert_loads().values())
+        llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2, ignore_eos=True))
+        assert all(sum(counts) == 2 * 4 for counts in llm.expert_loads().values())  # top-2
+
+
 def test_bad_expert_load_options_are_refused(tmp_path, tmp_path_factory):
     path = tiny("mixtral", tmp_path_factory)
     loads_file = tmp_path / "loads.json"
