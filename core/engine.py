@@ -28,7 +28,7 @@ from titanserve.core.sampling_params import SamplingParams
 from titanserve.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from titanserve.core.tokenizer import FinalDetokenizer, IncrementalDetokenizer, Tokenizer
 from titanserve.core.warmup import warm_up
-from titanserve.moe.expert_loads import write_expert_loads
+from titanserve.moe.expert_loads import check_writable, write_expert_loads
 
 logger = logging.getLogger("titanserve.engine")
 
@@ -87,8 +87,8 @@ class Engine:
             Tokenizer(self.model_path) if (self.model_path / "tokenizer.json").exists() else None
         )
         cfg = self.model_config
-        if config.record_expert_loads is not None and not cfg.num_experts:
-            raise ConfigError("record_expert_loads needs a mixture-of-experts model")
+        if config.record_expert_loads is not None:
+            check_writable(config.record_expert_loads, cfg.num_experts)
         self.max_model_len = config.resolve_max_model_len(cfg)
         device = config.resolve_device(0)
         cache_dtype = kv_cache_dtype(config.kv_cache_dtype, device, config.torch_dtype)

@@ -30,12 +30,22 @@ ExpertLoads = dict[int, list[int]]
 
 def write_expert_loads(path: str | Path, loads: ExpertLoads, num_experts: int) -> None:
     """Save `loads` (written to a temporary file first: a reader never sees half a file)."""
-    path = Path(path)
+    path = Path(path).expanduser()
     body = {"format": FORMAT, "num_experts": num_experts,
             "layers": {str(layer): list(counts) for layer, counts in sorted(loads.items())}}
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(body) + "\n")
     tmp.replace(path)
+
+
+def check_writable(path: str | Path, num_experts: int) -> None:
+    """Refuse at start, not at shutdown, a recording that could not be written: a dense
+    model, or a folder that is not there."""
+    if not num_experts:
+        raise ConfigError("record_expert_loads needs a mixture-of-experts model")
+    folder = Path(path).expanduser().absolute().parent
+    if not folder.is_dir():
+        raise ConfigError(f"cannot record expert loads to {str(path)!r}: no folder {str(folder)!r}")
 
 
 def read_expert_loads(
@@ -45,7 +55,7 @@ def read_expert_loads(
     indices); a one-line ConfigError for a missing, malformed or mismatched file. Layers the
     file leaves out keep the contiguous placement."""
     try:
-        body = json.loads(Path(path).read_text())
+        body = json.loads(Path(path).expanduser().read_text())
     except OSError as e:
         raise ConfigError(f"cannot read expert loads {str(path)!r}: {e.strerror}") from None
     except ValueError as e:

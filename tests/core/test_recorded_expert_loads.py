@@ -83,5 +83,7 @@ def test_bad_expert_load_options_are_refused(tmp_path, tmp_path_factory):
     with pytest.raises(ConfigError, match="record_expert_loads needs a mixture-of-experts"):
         LLM(tiny("llama", tmp_path_factory), record_expert_loads=str(loads_file),
             progress=False)
+    with pytest.raises(ConfigError, match="cannot record expert loads to .*: no folder"):
+        LLM(path, record_expert_loads=str(tmp_path / "missing" / "l.json"), progress=False)
     with LLM(path, progress=False) as llm, pytest.raises(ConfigError, match="only with"):
         llm.expert_loads()
