@@ -142,18 +142,22 @@ def titanserve_configs(
     if args.kv_cache_dtype_too:  # each worker count with the other cache
         kv = args.kv_cache_dtype_too
         configs += [(label(w, f"{kv} KV cache"), w, {"kv_cache_dtype": kv}) for w in workers]
-    # with several workers: copies of experts, expert re-placement, both; two-batch overlap
-    variants = [({"num_redundant_experts": r}, f"{r} redundant expert{'s' * (r > 1)}")
-                for r in args.redundant_experts]
+    def with_and_without_copies(extra: dict, note: str) -> list[tuple[dict, str]]:
+        return [({**options, **extra}, f"{copy_note + ', ' if copy_note else ''}{note}")
+                for options, copy_note in [({}, ""), *copies]]
+
+    # with several workers: copies of experts, and each placement alone and with copies
+    # (re-placed while serving, placed by recorded loads); two-batch overlap
+    copies = [({"num_redundant_experts": r}, f"{r} redundant expert{'s' * (r > 1)}")
+              for r in args.redundant_experts]
+    variants = list(copies)
     if args.expert_rebalance_steps:
         steps = args.expert_rebalance_steps
-        variants += [({**options, "expert_rebalance_steps": steps},
-                      f"{note + ', ' if note else ''}rebalanced every {steps}")
-                     for options, note in [({}, ""), *variants]]
+        variants += with_and_without_copies({"expert_rebalance_steps": steps},
+                                            f"rebalanced every {steps}")
     if loads_file is not None:
-        variants += [({**options, "expert_loads": str(loads_file)},
-                      f"{note + ', ' if note else ''}placed by recorded loads")
-                     for options, note in [({}, ""), *variants[:len(args.redundant_experts)]]]
+        variants += with_and_without_copies({"expert_loads": str(loads_file)},
+                                            "placed by recorded loads")
     if args.two_batch_overlap:
         variants.append(({"two_batch_overlap": True}, "two-batch overlap"))
     configs += [(label(w, note), w, options) for options, note in variants

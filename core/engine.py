@@ -439,7 +439,7 @@ class Engine:
             return
         try:
             path = self.config.record_expert_loads
-            if path is not None and self.model_config.num_experts:
+            if path is not None:  # a MoE model (check_writable)
                 try:
                     loads = self.expert_loads()
                     write_expert_loads(path, loads, self.model_config.num_experts)

@@ -102,7 +102,7 @@ class MultiProcExecutor:
         max_model_len: int,
     ) -> None:
         for name in ("num_redundant_experts", "expert_rebalance_steps", "two_batch_overlap",
-                     "expert_loads", "record_expert_loads"):
+                     "expert_loads"):  # record_expert_loads: checked by the engine
             if getattr(config, name) and not model_cfg.num_experts:
                 raise ConfigError(f"{name} needs a mixture-of-experts model")
         try:  # the placement the workers will build checks the expert counts
